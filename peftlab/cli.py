@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
@@ -20,6 +21,8 @@ QUICKSTART_RECIPE = Path(__file__).parent / "quickstart" / "recipe.yaml"
 def _quiet_libraries() -> None:
     """Our progress bar and report are the output; silence the libraries' load chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft 0.21 calls a transformers 5 property that warns on every load; nothing to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     import datasets
     import transformers
     transformers.logging.set_verbosity_error()

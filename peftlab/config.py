@@ -282,7 +282,12 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+    """Write every section; data paths are made absolute so `peftlab eval RUN` finds them."""
+    data = dataclasses.replace(recipe.data, **{
+        split: resolve_data_path(value, recipe)
+        for split in ("train", "validation", "test") if (value := getattr(recipe.data, split))})
+    resolved = dataclasses.replace(recipe, data=data)
+    path.write_text(yaml.safe_dump(recipe_to_dict(resolved), sort_keys=False), encoding="utf-8")
 
 
 def resolve_data_path(value: str, recipe: Recipe) -> str:

@@ -7,7 +7,7 @@ loaded by name for users who are online.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from peftlab.errors import PeftlabError
 LOCAL_MODULE = Path(__file__).parent / "metric_modules" / "peftlab_classification.py"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_metric(name: str):
     import evaluate
     try:

@@ -20,10 +20,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from peftlab.artifacts import save_trained
 from peftlab.config import Recipe, recipe_to_dict, save_recipe
 from peftlab.data import format_report, load_labelled_data, make_loader, tokenize_splits
 from peftlab.errors import PeftlabError
-from peftlab.artifacts import save_trained
 from peftlab.metrics import evaluate_split, format_metrics
 from peftlab.models import load_classifier, peak_memory_mb, resolve_model_path
 from peftlab.strategies import PEFT_KINDS, StrategyReport, apply_strategy, open_groups

@@ -12,13 +12,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
-import yaml  # noqa: E402
+import pytest
+import yaml
 
-POSITIVE = "good great lovely excellent superb fine wonderful happy nice brilliant".split()
-NEGATIVE = "bad awful terrible poor horrible sad ugly boring dreadful nasty".split()
-NEUTRAL = ("the movie film story plot actor scene was is really quite very a an this that "
-           "it with and of music ending show").split()
+POSITIVE = ["good", "great", "lovely", "excellent", "superb", "fine", "wonderful", "happy", "nice", "brilliant"]
+NEGATIVE = ["bad", "awful", "terrible", "poor", "horrible", "sad", "ugly", "boring", "dreadful", "nasty"]
+NEUTRAL = ["the", "movie", "film", "story", "plot", "actor", "scene", "was", "is", "really", "quite", "very", "a", "an", "this", "that", "it", "with", "and", "of", "music", "ending", "show"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,8 +46,8 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 BERT with a word-level vocabulary of the test words."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
     import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
     folder = tmp_path_factory.mktemp("tiny_bert")
     vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + NEUTRAL))
     tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})

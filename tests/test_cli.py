@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO, write_recipe, write_rows
 
 from peftlab.cli import main
-
-from conftest import REPO, write_recipe, write_rows
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +23,7 @@ def fresh_accelerator_state():
 def peftlab(*args, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "peftlab", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_train_predict_eval_end_to_end(tmp_path, recipe_file, sentiment_csv):

@@ -3,8 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftlab.config import (Recipe, load_recipe, recipe_from_dict, resolve_data_path,
-                            save_recipe)
+from peftlab.config import Recipe, load_recipe, recipe_from_dict, resolve_data_path, save_recipe
 from peftlab.errors import PeftlabError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +102,7 @@ def test_data_paths_resolve_against_peftlab_data(tmp_path, monkeypatch):
         (tmp_path / "data" / "sst2" / "train.tsv").resolve())
     monkeypatch.delenv("PEFTLAB_DATA")
     (tmp_path / "recipes" / "local.csv").write_text("text,label\n")
-    assert resolve_data_path("local.csv", recipe) == str((tmp_path / "recipes" / "local.csv"))
+    assert resolve_data_path("local.csv", recipe) == str(tmp_path / "recipes" / "local.csv")
     assert resolve_data_path("imdb", recipe) == "imdb"  # a hub dataset name stays a name
 
 

@@ -3,12 +3,11 @@ from collections import Counter
 
 import datasets
 import pytest
+from conftest import sentiment_rows, write_rows
 
 from peftlab.config import recipe_from_dict
 from peftlab.data import load_labelled_data, make_loader, tokenize_splits
 from peftlab.errors import PeftlabError
-
-from conftest import sentiment_rows, write_rows
 
 
 def recipe_for(train, **data):
@@ -150,3 +149,17 @@ def test_batches_pad_dynamically_and_group_by_length(tmp_path, tiny_bert):
     assert len(set(widths)) > 1  # padded per batch, not to a global length
     assert sum(len(batch["labels"]) for batch in make_loader(
         tokenized["train"], tokenizer, 16, train=True, seed=0)) == len(tokenized["train"])
+
+
+def test_text_pairs_are_encoded_together(tmp_path, tiny_bert):
+    from transformers import AutoTokenizer
+    rows = [{"premise": r["text"], "hypothesis": "the film", "label": r["label"]}
+            for r in sentiment_rows(40)]
+    path = write_rows(tmp_path / "pairs.csv", rows)
+    recipe = recipe_for(path, text_column="premise", text_pair_column="hypothesis")
+    data = load_labelled_data(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    tokenized = tokenize_splits(data.splits, tokenizer, max_length=32)
+    first = tokenized["train"][0]
+    assert first["input_ids"].count(tokenizer.sep_token_id) == 2
+    assert set(first["token_type_ids"]) == {0, 1}

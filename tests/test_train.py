@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
 from peftlab.artifacts import load_trained, predict_texts
 from peftlab.config import load_recipe
 from peftlab.train import run
-
-from conftest import write_recipe
 
 TEXTS = ["the movie was really great", "a terrible and boring film", "this show is nice",
          "awful ending with sad music"]
@@ -66,7 +65,7 @@ def test_lora_run_folder(lora_run, tiny_bert):
 
 
 def test_reload_gives_identical_predictions(lora_run):
-    run_dir, result = lora_run
+    run_dir, _ = lora_run
     model, tokenizer, recipe, info = load_trained(run_dir)
     first = predict_texts(model, tokenizer, TEXTS, recipe.model.max_length)
     model2, tokenizer2, _, _ = load_trained(run_dir)
@@ -84,7 +83,7 @@ def test_adapter_loads_with_plain_peft(lora_run, tiny_bert):
     plain = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    ours, tok, _, _ = load_trained(run_dir)
+    ours, *_ = load_trained(run_dir)
     with torch.no_grad():
         assert torch.allclose(plain(**batch).logits, ours(**batch).logits, atol=1e-6)
 
@@ -119,7 +118,7 @@ def test_head_only_mean_pooling_round_trip(tmp_path, tiny_bert, sentiment_csv):
     result = run(load_recipe(path), output_dir=str(tmp_path / "run"))
     assert result["summary"]["trainable_params"] == 32 * 2 + 2
     assert (tmp_path / "run" / "model" / "classifier.safetensors").is_file()
-    model, tokenizer, recipe, _ = load_trained(tmp_path / "run")
+    model, tokenizer, *_ = load_trained(tmp_path / "run")
     with torch.no_grad():
         batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
         again, _, _, _ = load_trained(tmp_path / "run")

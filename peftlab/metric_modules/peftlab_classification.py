@@ -6,8 +6,12 @@ ships this one and loads it by path. It returns every number the metrics.json pr
 
 import datasets
 import evaluate
-from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix,
-                             precision_recall_fscore_support)
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
 
 
 class PeftlabClassification(evaluate.Metric):
