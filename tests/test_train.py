@@ -147,3 +147,16 @@ def test_run_folder_is_never_overwritten(tmp_path, recipe_file):
     with pytest.raises(PeftlabError, match="not empty"):
         run(load_recipe(recipe_file), output_dir=str(run_dir))
     assert (run_dir / "metrics.json").read_text() == "{\"keep\": true}"
+
+
+def test_early_stopping_after_patience_evaluations(tmp_path, tiny_bert, sentiment_csv):
+    """With a learning rate too small to move the metric, the run stops after `patience`
+    evaluations without improvement, and the best (first) checkpoint is the one kept."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                        strategy={"kind": "full"},
+                        train={"max_steps": 20, "lr": 1e-12, "eval_every_steps": 1,
+                               "early_stopping_patience": 2, "metric_for_best": "accuracy"})
+    result = run(load_recipe(path), output_dir=str(tmp_path / "run"))
+    assert result["summary"]["steps"] == 3
+    assert result["summary"]["best_step"] == 1
+    assert len(result["summary"]["eval_history"]) == 3
