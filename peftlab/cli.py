@@ -1,4 +1,4 @@
-"""peftlab train | eval | predict | quickstart.
+"""peftlab train | eval | predict | quickstart | convert.
 
 User mistakes (PeftlabError) print one line on stderr and exit 2; anything else is a bug and
 keeps its traceback. Heavy imports happen inside the commands so `--help` stays instant.
@@ -110,6 +110,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from peftlab.convert import convert_llama2c
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise PeftlabError(f"{out}: not empty; pass --overwrite or choose another folder")
+    convert_llama2c(args.model, args.tokenizer, out)
+    print(f"wrote a Hugging Face Llama folder to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "probability")
     predict.add_argument("--overwrite", action="store_true", help="replace --output")
     predict.set_defaults(func=cmd_predict)
+
+    convert = sub.add_parser("convert", help="llama2.c checkpoint -> Hugging Face Llama folder")
+    convert.add_argument("source_format", choices=["llama2c"], help="checkpoint format")
+    convert.add_argument("model", help="llama2.c model .bin (version 0, float32)")
+    convert.add_argument("tokenizer", help="llama2.c tokenizer .bin")
+    convert.add_argument("out", help="output folder")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty folder")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

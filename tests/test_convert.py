@@ -1,0 +1,87 @@
+"""stories260K (llama2.c) -> Hugging Face Llama: weights and tokenizer reproduce llama2.c."""
+
+import os
+import struct
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftlab.cli import main
+
+STORIES = Path(os.environ.get("PEFTLAB_DATA", Path(__file__).resolve().parents[2] / "shared"
+                              / "data")) / "models" / "stories260K"
+REFERENCE = ("Once upon a time, there was a little girl named Lily. She loved to play outside "
+             "in the park. One day, she saw a big, red ball. She wanted to play with it, but it "
+             "was too high.\nLily's mom said, \"Lily, let's go to the park.\" Lily was sad and "
+             "didn't know what to do.")
+
+pytestmark = pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(),
+                                reason="needs ../shared/data/models/stories260K")
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stories260K")
+    assert main(["convert", "llama2c", str(STORIES / "stories260K.bin"),
+                 str(STORIES / "tok512.bin"), str(out), "--overwrite"]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+
+
+def test_greedy_generation_from_bos_reproduces_the_reference_story(stories):
+    model, tokenizer = stories
+    generated = model.generate(torch.tensor([[tokenizer.bos_token_id]]), max_new_tokens=110,
+                               do_sample=False)
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    assert text.startswith(REFERENCE), text
+
+
+def read_pieces() -> tuple[list[str], list[float]]:
+    raw = (STORIES / "tok512.bin").read_bytes()
+    offset, pieces, scores = 4, [], []
+    for _ in range(512):
+        score, length = struct.unpack_from("<fi", raw, offset)
+        pieces.append(raw[offset + 8:offset + 8 + length].decode())
+        scores.append(score)
+        offset += 8 + length
+    return pieces, scores
+
+
+def llama2c_encode(text: str) -> list[int]:
+    """llama2.c run.c's encoder: BOS, a leading space, characters (bytes + 3 when unknown),
+    then merge the adjacent pair whose concatenation has the best score, until none fits."""
+    pieces, scores = read_pieces()
+    vocab = {}
+    for i, piece in enumerate(pieces):
+        vocab.setdefault(piece, i)
+    ids = []
+    for char in " " + text:
+        ids += [vocab[char]] if char in vocab else [byte + 3 for byte in char.encode()]
+    while True:
+        candidates = [(scores[vocab[pieces[a] + pieces[b]]], -i) for i, (a, b)
+                      in enumerate(pairwise(ids)) if pieces[a] + pieces[b] in vocab]
+        if not candidates:
+            return [1] + ids
+        i = -max(candidates)[1]
+        ids[i:i + 2] = [vocab[pieces[ids[i]] + pieces[ids[i + 1]]]]
+
+
+@pytest.mark.parametrize("text", [
+    "Once upon a time, there was a little girl named Lily.",
+    "The dog said: \"I can't find my ball!\" and ran away.",
+    "Tom went to the park with 3 friends; café au lait?",
+])
+def test_tokenizer_encodes_like_llama2c(stories, text):
+    _, tokenizer = stories
+    assert tokenizer(text)["input_ids"] == llama2c_encode(text)
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_convert_rejects_bad_files(tmp_path, capsys):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x00" * 10)
+    assert main(["convert", "llama2c", str(bad), str(STORIES / "tok512.bin"),
+                 str(tmp_path / "out")]) == 2
+    assert "too short" in capsys.readouterr().err
