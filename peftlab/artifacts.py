@@ -65,17 +65,18 @@ def load_trained(run_dir: str | Path):
     recipe, info = read_run(run_dir)
     folder = run_dir / info["artifact"]
     names, pooling = info["label_names"], info["pooling"]
+    tokenizer = load_tokenizer(str(folder), recipe)
     if info["artifact"] == "adapter":
-        model = build_classifier(_base_path(recipe, info), pooling, names, recipe)
+        model = build_classifier(_base_path(recipe, info), pooling, names, recipe,
+                                 tokenizer.pad_token_id)
         if pooling == "mean":
             model.backbone = PeftModel.from_pretrained(model.backbone, folder)
         else:
             model = PeftModel.from_pretrained(model, folder)
     else:
-        model = build_classifier(str(folder), pooling, names, recipe)
+        model = build_classifier(str(folder), pooling, names, recipe, tokenizer.pad_token_id)
     if pooling == "mean":
         model.classifier.load_state_dict(load_file(folder / HEAD_FILE))
-    tokenizer = load_tokenizer(str(folder), recipe)
     model.eval()
     return model, tokenizer, recipe, info
 

@@ -117,8 +117,13 @@ def label_kwargs(label_names: list[str]) -> dict:
             "label2id": {name: i for i, name in enumerate(label_names)}}
 
 
-def build_classifier(path: str, pooling: str, label_names: list[str], recipe: Recipe):
-    """A classifier over the weights in `path` (pretrained or fine-tuned) with our labels."""
+def build_classifier(path: str, pooling: str, label_names: list[str], recipe: Recipe,
+                     pad_token_id: int | None = None):
+    """A classifier over the weights in `path` (pretrained or fine-tuned) with our labels.
+
+    Decoders pool the last non-pad token, which needs config.pad_token_id: it is set from the
+    tokenizer whenever the checkpoint has none.
+    """
     labels = label_kwargs(label_names)
     try:
         if pooling == "mean":
@@ -132,6 +137,8 @@ def build_classifier(path: str, pooling: str, label_names: list[str], recipe: Re
                 path, **labels, **_hub_kwargs(recipe))
     except (OSError, ValueError) as err:
         raise _load_error(recipe.model.name, err) from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id
     return model
 
 
@@ -140,9 +147,7 @@ def load_classifier(recipe: Recipe, label_names: list[str]):
     path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(path, recipe)
     pooling = choose_pooling(recipe, path)
-    model = build_classifier(path, pooling, label_names, recipe)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model = build_classifier(path, pooling, label_names, recipe, tokenizer.pad_token_id)
     return model, tokenizer, pooling
 
 

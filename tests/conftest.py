@@ -86,3 +86,49 @@ def write_recipe(path: Path, model_path: Path, train_file: Path, **sections) -> 
 @pytest.fixture
 def recipe_file(tmp_path, tiny_bert, sentiment_csv) -> Path:
     return write_recipe(tmp_path / "recipe.yaml", tiny_bert, sentiment_csv)
+
+
+def word_tokenizer(folder: Path, pad: bool):
+    """A word-level fast tokenizer with <s>/</s>/<unk> (and no pad token, like most decoders)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = ["<unk>", "<s>", "</s>"] + (["<pad>"] if pad else []) + sorted(
+        set(POSITIVE + NEGATIVE + NEUTRAL))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>",
+                                        **({"pad_token": "<pad>"} if pad else {}))
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 Llama (GQA, tied embeddings) whose tokenizer has no pad token."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = word_tokenizer(folder, pad=False)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    tokenizer = word_tokenizer(folder, pad=False)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                        n_positions=128, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
