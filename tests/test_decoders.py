@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import write_recipe
 
 from peftlab.artifacts import load_trained
 from peftlab.config import load_recipe, recipe_from_dict
 from peftlab.models import build_classifier, load_tokenizer
 from peftlab.strategies import apply_strategy, layer_groups
 from peftlab.train import run
-
-from conftest import write_recipe
 
 
 @pytest.fixture(autouse=True)
