@@ -47,6 +47,8 @@ class DataConfig:
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
     max_train_samples: int | None = None  # seeded random subset of train (quick experiments)
     max_eval_samples: int | None = None  # first N of validation and test
+    sft_format: str = "auto"  # causal_lm rows: auto | alpaca | chat | prompt_completion | text
+    packing: bool = False  # causal_lm: pack short examples into rows of model.max_length
 
 
 @dataclass
@@ -87,6 +89,8 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 128  # per process
     hub_metrics: list[str] = field(default_factory=list)  # extra `evaluate` hub metrics (online)
+    sample_prompts: list[str] = field(default_factory=list)  # causal_lm: default 3 val prompts
+    max_new_tokens: int = 64  # causal_lm: length of the sample generations
 
 
 @dataclass
@@ -114,6 +118,7 @@ CHOICES = {
     "train.scheduler": ("linear", "cosine", "constant_with_warmup"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "model.task": ("classification", "causal_lm"),
+    "data.sft_format": ("auto", "alpaca", "chat", "prompt_completion", "text"),
     "train.metric_for_best": ("auto", "f1_macro", "accuracy", "perplexity", "f1_weighted",
                               "precision_macro", "recall_macro", "precision_weighted",
                               "recall_weighted", "loss"),

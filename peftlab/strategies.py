@@ -124,9 +124,22 @@ def default_target_modules(model: nn.Module) -> str:
     return rf"{re.escape(prefix)}\..*\b({'|'.join(map(re.escape, leaves))})"
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    from transformers import GenerationMixin
+    return isinstance(model, GenerationMixin)
+
+
 def _peft_task(model: nn.Module) -> str | None:
-    """SEQ_CLS for HF heads (peft then saves the head via modules_to_save)."""
-    return None if hasattr(model, "backbone") else "SEQ_CLS"
+    """SEQ_CLS for HF heads (peft then saves the new head via modules_to_save); CAUSAL_LM
+    for language models, whose head is pretrained and stays frozen."""
+    if hasattr(model, "backbone"):
+        return None
+    return "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
+
+
+def _new_heads(model: nn.Module) -> list[str] | None:
+    """Heads that must train and travel with an adapter: a classifier's, never lm_head."""
+    return head_names(model) if _peft_task(model) == "SEQ_CLS" else None
 
 
 def _wrap_peft(model: nn.Module, peft_config) -> nn.Module:
@@ -145,7 +158,7 @@ def _lora_config(model: nn.Module, recipe: Recipe, use_dora: bool):
     targets = s.target_modules or _backbone_relative(model, default_target_modules(model))
     return LoraConfig(task_type=_peft_task(model), r=s.lora_r, lora_alpha=s.lora_alpha,
                       lora_dropout=s.lora_dropout, target_modules=targets, use_dora=use_dora,
-                      modules_to_save=head_names(model) if _peft_task(model) else None)
+                      modules_to_save=_new_heads(model))
 
 
 def _backbone_relative(model: nn.Module, regex: str) -> str:
@@ -166,8 +179,8 @@ def apply_peft(model: nn.Module, recipe: Recipe) -> nn.Module:
     from peft import get_peft_config
     fields = dict(recipe.strategy.peft)
     fields.setdefault("task_type", _peft_task(model))
-    if _peft_task(model):
-        fields.setdefault("modules_to_save", head_names(model))
+    if _new_heads(model):
+        fields.setdefault("modules_to_save", _new_heads(model))
     try:
         peft_config = get_peft_config(fields)
     except (KeyError, TypeError, ValueError) as err:

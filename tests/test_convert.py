@@ -27,11 +27,11 @@ def stories(tmp_path_factory):
     assert main(["convert", "llama2c", str(STORIES / "stories260K.bin"),
                  str(STORIES / "tok512.bin"), str(out), "--overwrite"]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    return AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    return AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out), out
 
 
 def test_greedy_generation_from_bos_reproduces_the_reference_story(stories):
-    model, tokenizer = stories
+    model, tokenizer, _ = stories
     generated = model.generate(torch.tensor([[tokenizer.bos_token_id]]), max_new_tokens=110,
                                do_sample=False)
     text = tokenizer.decode(generated[0], skip_special_tokens=True)
@@ -74,7 +74,7 @@ def llama2c_encode(text: str) -> list[int]:
     "Tom went to the park with 3 friends; café au lait?",
 ])
 def test_tokenizer_encodes_like_llama2c(stories, text):
-    _, tokenizer = stories
+    _, tokenizer, _ = stories
     assert tokenizer(text)["input_ids"] == llama2c_encode(text)
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
@@ -85,3 +85,31 @@ def test_convert_rejects_bad_files(tmp_path, capsys):
     assert main(["convert", "llama2c", str(bad), str(STORIES / "tok512.bin"),
                  str(tmp_path / "out")]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_stories260k_sft_lowers_held_out_loss(stories, tmp_path, kind):
+    """A real pretrained decoder fine-tuned on short stories in a new style: every story
+    ends with the same moral. Held-out loss must fall."""
+    import json
+
+    from accelerate.state import AcceleratorState, GradientState
+    from conftest import write_recipe
+
+    from peftlab.config import load_recipe
+    from peftlab.train import run
+    names = ["Tom", "Lily", "Sam", "Mia", "Ben", "Sue"]
+    things = ["ball", "cat", "kite", "cake", "toy", "dog"]
+    rows = [{"prompt": f"{n} had a {t}.", "completion": f" {n} shared the {t} with a friend. "
+             f"The moral is: sharing is caring."} for n in names for t in things]
+    data = tmp_path / "stories.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", stories[2], data, model={"task": "causal_lm", "max_length": 64},
+        strategy={"kind": kind, "lora_r": 8}, eval={"max_new_tokens": 12},
+        train={"epochs": 3, "batch_size": 4, "lr": 5e-3 if kind == "lora" else 1e-3}))
+    result = run(recipe, output_dir=str(tmp_path / "run"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    history = result["summary"]["eval_history"]
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"], history

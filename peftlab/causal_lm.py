@@ -1,0 +1,138 @@
+"""Causal-LM supervised fine-tuning as a Task: completion-only loss, perplexity, samples.
+
+The loss of a step is the sum of target-token cross-entropies divided by the target tokens of
+the whole step (all micro-batches, all processes), so long and short examples weigh by their
+tokens and the result does not depend on how a batch is split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from transformers import AutoModelForCausalLM
+
+from peftlab.config import Recipe
+from peftlab.errors import PeftlabError
+from peftlab.models import load_tokenizer, resolve_model_path
+from peftlab.sft_data import IGNORE, collate_sft, load_sft_data
+from peftlab.strategies import PEFT_KINDS, apply_strategy
+from peftlab.task import Task
+
+INFO_FILE = "peftlab.json"
+
+
+def token_losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (summed target-token loss, target-token count), next-token shifted."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels,
+                                         ignore_index=IGNORE, reduction="none")
+    return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
+
+
+def summed_token_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return token_losses(model, batch)[0].sum()
+
+
+def count_target_tokens(batch: dict) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE).sum()
+
+
+@torch.no_grad()
+def evaluate_lm(model, loader, accelerator, final: bool = False) -> dict:
+    """Token-weighted loss and perplexity over a split, every example counted once."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for batch in loader:
+        sums, counts = accelerator.gather_for_metrics(token_losses(model, batch))
+        total_loss += float(sums.sum())
+        total_tokens += int(counts.sum())
+    loss = total_loss / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": total_tokens}
+
+
+def load_causal_lm(path: str, recipe: Recipe) -> nn.Module:
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=recipe.model.trust_remote_code,
+            **({"revision": recipe.model.revision} if recipe.model.revision else {}))
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PeftlabError(f"model.name {recipe.model.name}: could not load ({first[:300]})")
+
+
+def prompt_text(tokenizer, example, fmt: str) -> str:
+    """What the model sees before it answers: the chat prompt, or the raw prompt."""
+    if fmt in ("prompt_completion", "text"):
+        return example[0]
+    turns = example[:-1] if example and example[-1]["role"] == "assistant" else example
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int,
+             temperature: float = 0.0) -> str:
+    """Greedy by default; stops at EOS. Returns only the new text."""
+    device = next(model.parameters()).device
+    add_bos = bool(tokenizer.bos_token) and not prompt.startswith(tokenizer.bos_token)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if add_bos:
+        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+    ids = ids.to(device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
+        "do_sample": False}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def prepare_causal_lm(recipe: Recipe, say) -> Task:
+    path = resolve_model_path(recipe.model.name)
+    tokenizer = load_tokenizer(path, recipe)
+    data = load_sft_data(recipe, tokenizer)
+    for split, info in data.report.items():
+        say(f"{split}: {info['rows']} rows, {info['kept']} with target tokens "
+            f"({data.fmt} format)")
+    model = load_causal_lm(path, recipe)
+    report = apply_strategy(model, recipe)
+    say(f"strategy {recipe.strategy.kind}: {report.describe()}")
+    collate = collate_sft(tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    loaders = {split: DataLoader(
+        ds, batch_size=recipe.train.batch_size if split == "train" else recipe.eval.batch_size,
+        sampler=RandomSampler(ds, generator=generator) if split == "train" else
+        SequentialSampler(ds), collate_fn=collate) for split, ds in data.splits.items()}
+    prompts = [str(p) for p in recipe.eval.sample_prompts] or [
+        prompt_text(tokenizer, example, data.fmt) for example in data.prompts]
+
+    def write_samples(model, accelerator, step: int, run_dir: Path) -> None:
+        if not accelerator.is_main_process or not prompts:
+            return
+        unwrapped = accelerator.unwrap_model(model)
+        with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
+            for prompt in prompts:
+                text = generate(unwrapped, tokenizer, prompt, recipe.eval.max_new_tokens)
+                handle.write(json.dumps({"step": step, "prompt": prompt, "generation": text})
+                             + "\n")
+
+    def save(unwrapped: nn.Module, run_dir: Path) -> None:
+        peft = recipe.strategy.kind in PEFT_KINDS
+        folder = run_dir / ("adapter" if peft else "model")
+        unwrapped.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        info = {"artifact": folder.name, "task": "causal_lm", "sft_format": data.fmt,
+                "base_model": path}
+        (run_dir / INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+    return Task(model=report.model, tokenizer=tokenizer, report=report, loaders=loaders,
+                batch_loss=summed_token_loss, count_items=count_target_tokens,
+                evaluate=evaluate_lm, save=save, default_metric="loss",
+                history_keys=("loss", "perplexity"), summary={"sft_format": data.fmt},
+                on_evaluate=write_samples)

@@ -1,0 +1,142 @@
+"""Causal-LM supervised fine-tuning: label masks, templates, packing, token-normalised loss."""
+
+import json
+
+import pytest
+import torch
+from conftest import write_recipe
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from peftlab.config import load_recipe
+from peftlab.sft_data import DEFAULT_CHAT_TEMPLATE, IGNORE, detect_sft_format, encode, pack, render
+from peftlab.train import run
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState, GradientState
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def tokenizer(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def labelled(tokenizer, example, fmt, max_length=64):
+    encoded = encode(tokenizer, *render(tokenizer, example, fmt), max_length)
+    return tokenizer.convert_ids_to_tokens(encoded["input_ids"]), encoded["labels"]
+
+
+def targets(tokens, labels):
+    return [t for t, label in zip(tokens, labels) if label != IGNORE]
+
+
+def test_prompt_completion_mask_by_hand(tokenizer):
+    tokens, labels = labelled(tokenizer, ("the movie was", " great"), "prompt_completion")
+    assert tokens == ["<s>", "the", "movie", "was", "great", "</s>"]
+    assert labels[:4] == [IGNORE] * 4
+    assert targets(tokens, labels) == ["great", "</s>"]
+
+
+def test_chat_mask_with_default_template_multi_turn(tokenizer):
+    example = [{"role": "user", "content": "the movie"}, {"role": "assistant", "content": "good"},
+               {"role": "user", "content": "the plot"}, {"role": "assistant", "content": "bad"}]
+    tokens, labels = labelled(tokenizer, example, "chat")
+    assert targets(tokens, labels) == ["good", "</s>", "bad", "</s>"]
+    assert tokens.count("</s>") == 2 and tokens[-1] == "</s>"  # EOS ends every answer
+
+
+def test_model_chat_template_is_used_and_eos_appended(tokenizer):
+    tokenizer.chat_template = CHATML
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    example = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "the film"},
+               {"role": "assistant", "content": "great"}]
+    text, spans = render(tokenizer, example, "chat")
+    assert text.startswith("<|im_start|>system\nbe nice<|im_end|>")
+    assert text.endswith("great<|im_end|>\n</s>")
+    tokens, labels = labelled(tokenizer, example, "chat")
+    assert targets(tokens, labels) == ["great", "<|im_end|>", "</s>"]
+
+
+def test_alpaca_and_sharegpt_rows():
+    assert detect_sft_format(["instruction", "input", "output"], "auto", "x") == "alpaca"
+    assert detect_sft_format(["conversations"], "auto", "x") == "chat"
+    assert detect_sft_format(["prompt", "completion"], "auto", "x") == "prompt_completion"
+    from peftlab.errors import PeftlabError
+    with pytest.raises(PeftlabError, match="cannot tell the SFT format"):
+        detect_sft_format(["question"], "auto", "x")
+
+
+def test_truncation_keeps_mask_aligned(tokenizer):
+    tokens, labels = labelled(tokenizer, ("the movie was really", " great nice"),
+                              "prompt_completion", max_length=6)
+    assert len(tokens) == 6 and tokens[-1] == "great"
+    assert targets(tokens, labels) == ["great"]
+
+
+def test_packing_boundaries():
+    a = {"input_ids": [1, 10, 11, 12], "labels": [IGNORE, IGNORE, 11, 12]}
+    b = {"input_ids": [1, 20, 21], "labels": [1, 20, 21]}
+    c = {"input_ids": [1, 30, 31, 32, 33], "labels": [IGNORE, 30, 31, 32, 33]}
+    rows = pack([a, b, c], max_length=8)
+    assert [r["input_ids"] for r in rows] == [[1, 10, 11, 12, 1, 20, 21], [1, 30, 31, 32, 33]]
+    assert rows[0]["position_ids"] == [0, 1, 2, 3, 0, 1, 2]
+    # the first token of every packed example is never a target (no loss across boundaries)
+    assert rows[0]["labels"] == [IGNORE, IGNORE, 11, 12, IGNORE, 20, 21]
+
+
+def alpaca_file(tmp_path, n=96):
+    rows = []
+    for i in range(n):
+        good = i % 2 == 0
+        rows.append({"instruction": "the movie was " + ("great" if good else "awful"),
+                     "input": "", "output": "nice" if good else "bad"})
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_sft_lowers_held_out_loss_and_writes_samples(tmp_path, tiny_llama):
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path), model={"task": "causal_lm"},
+        strategy={"kind": "full"},
+        train={"epochs": 3, "batch_size": 8, "lr": 1e-2}, eval={"max_new_tokens": 4}))
+    result = run(recipe, output_dir=str(tmp_path / "run"))
+    history = result["summary"]["eval_history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert result["metrics"]["test"]["perplexity"] < 5
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").open()]
+    assert {s["step"] for s in samples} == {h["step"] for h in history}
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_token_normalised_accumulation_matches_bigger_batch(tmp_path, tiny_llama):
+    """Examples of different lengths: batch 4 x 2 equals batch 8 x 1 because the loss is
+    divided by the target tokens of the whole step, not averaged per micro-batch."""
+    rows = [{"prompt": "the movie", "completion": " was " + " ".join(["good"] * (1 + i % 5))}
+            for i in range(64)]
+    data = tmp_path / "pc.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    weights = []
+    for batch, accum in ((8, 1), (4, 2)):
+        recipe = load_recipe(write_recipe(
+            tmp_path / f"r{batch}.yaml", tiny_llama, data, model={"task": "causal_lm"},
+            strategy={"kind": "full"}, eval={"max_new_tokens": 1},
+            train={"batch_size": batch, "grad_accum": accum, "max_steps": 4, "lr": 1e-3,
+                   "warmup_ratio": 0.0}))
+        run(recipe, output_dir=str(tmp_path / f"run{batch}"))
+        weights.append(load_file(tmp_path / f"run{batch}" / "model" / "model.safetensors"))
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], atol=1e-5), name
