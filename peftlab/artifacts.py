@@ -64,6 +64,8 @@ def load_trained(run_dir: str | Path):
     run_dir = Path(run_dir)
     recipe, info = read_run(run_dir)
     folder = run_dir / info["artifact"]
+    if info.get("task") == "causal_lm":
+        return _load_causal_lm(folder, recipe, info) + (recipe, info)
     names, pooling = info["label_names"], info["pooling"]
     tokenizer = load_tokenizer(str(folder), recipe)
     if info["artifact"] == "adapter":
@@ -94,3 +96,15 @@ def predict_texts(model, tokenizer, texts: list[str], max_length: int,
         best = probs.max(-1)
         out += list(zip(best.indices.tolist(), best.values.tolist()))
     return out
+
+
+def _load_causal_lm(folder: Path, recipe: Recipe, info: dict):
+    from peft import PeftModel
+
+    from peftlab.causal_lm import load_causal_lm
+    tokenizer = load_tokenizer(str(folder), recipe)
+    if info["artifact"] == "adapter":
+        model = PeftModel.from_pretrained(load_causal_lm(_base_path(recipe, info), recipe), folder)
+    else:
+        model = load_causal_lm(str(folder), recipe)
+    return model.eval(), tokenizer

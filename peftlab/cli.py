@@ -81,6 +81,8 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from peftlab.artifacts import load_trained, predict_texts
+    if args.prompt:
+        return _generate(args)
     if not args.text and not args.file:
         raise PeftlabError("predict: give --text \"...\" (repeatable) or --file in.csv")
     if args.file and not args.output:
@@ -88,6 +90,8 @@ def cmd_predict(args) -> int:
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise PeftlabError(f"{args.output}: exists; pass --overwrite to replace it")
     model, tokenizer, recipe, info = load_trained(args.run)
+    if info.get("task") == "causal_lm":
+        raise PeftlabError(f"{args.run}: a causal-LM run; use --prompt \"...\"")
     names = info["label_names"]
     if args.text:
         for text, (label, prob) in zip(args.text, predict_texts(
@@ -117,6 +121,22 @@ def cmd_convert(args) -> int:
         raise PeftlabError(f"{out}: not empty; pass --overwrite or choose another folder")
     convert_llama2c(args.model, args.tokenizer, out)
     print(f"wrote a Hugging Face Llama folder to {out}")
+    return 0
+
+
+def _generate(args) -> int:
+    """Causal-LM runs: each prompt rendered as the run's training prompts were, then greedy
+    (or sampled, with --temperature) generation until EOS."""
+    from peftlab.artifacts import load_trained
+    from peftlab.causal_lm import generate, prompt_text
+    model, tokenizer, _, info = load_trained(args.run)
+    if info.get("task") != "causal_lm":
+        raise PeftlabError(f"{args.run}: a classification run; use --text \"...\"")
+    chat = info.get("sft_format") in ("alpaca", "chat")
+    for prompt in args.prompt:
+        shown = prompt_text(tokenizer, [{"role": "user", "content": prompt}] if chat else
+                            (prompt, ""), "chat" if chat else "text")
+        print(generate(model, tokenizer, shown, args.max_new_tokens, args.temperature))
     return 0
 
 
@@ -151,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="CSV to write: input columns + predicted_label, "
                                           "probability")
     predict.add_argument("--overwrite", action="store_true", help="replace --output")
+    predict.add_argument("--prompt", action="append", help="causal-LM runs: a prompt to "
+                                                           "continue (repeatable)")
+    predict.add_argument("--max-new-tokens", type=int, default=128, help="generation length")
+    predict.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     predict.set_defaults(func=cmd_predict)
 
     convert = sub.add_parser("convert", help="llama2.c checkpoint -> Hugging Face Llama folder")

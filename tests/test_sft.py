@@ -60,7 +60,7 @@ def test_model_chat_template_is_used_and_eos_appended(tokenizer):
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     example = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "the film"},
                {"role": "assistant", "content": "great"}]
-    text, spans = render(tokenizer, example, "chat")
+    text, _ = render(tokenizer, example, "chat")
     assert text.startswith("<|im_start|>system\nbe nice<|im_end|>")
     assert text.endswith("great<|im_end|>\n</s>")
     tokens, labels = labelled(tokenizer, example, "chat")
@@ -105,7 +105,7 @@ def alpaca_file(tmp_path, n=96):
     return path
 
 
-def test_sft_lowers_held_out_loss_and_writes_samples(tmp_path, tiny_llama):
+def test_sft_lowers_held_out_loss_and_writes_samples(tmp_path, tiny_llama, capsys):
     recipe = load_recipe(write_recipe(
         tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path), model={"task": "causal_lm"},
         strategy={"kind": "full"},
@@ -117,6 +117,14 @@ def test_sft_lowers_held_out_loss_and_writes_samples(tmp_path, tiny_llama):
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").open()]
     assert {s["step"] for s in samples} == {h["step"] for h in history}
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    # predict --prompt renders like training and generates what the best step generated
+    best = [s for s in samples if s["step"] == result["summary"]["best_step"]]
+    instruction = best[0]["prompt"].split("### Instruction:\n")[1].split("\n\n")[0]
+    from peftlab.cli import main
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run"), "--prompt", instruction,
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == best[0]["generation"].strip()
 
 
 def test_token_normalised_accumulation_matches_bigger_batch(tmp_path, tiny_llama):
