@@ -1,4 +1,4 @@
-"""peftlab train | eval | predict | quickstart | convert.
+"""peftlab train | eval | predict | quickstart | merge | convert.
 
 User mistakes (PeftlabError) print one line on stderr and exit 2; anything else is a bug and
 keeps its traceback. Heavy imports happen inside the commands so `--help` stays instant.
@@ -114,6 +114,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from peftlab.export import merge_run
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise PeftlabError(f"{out}: not empty; pass --overwrite or choose another folder")
+    merge_run(args.run, out, args.dtype)
+    print(f"wrote the merged model to {out}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from peftlab.convert import convert_llama2c
     out = Path(args.out)
@@ -176,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-new-tokens", type=int, default=128, help="generation length")
     predict.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     predict.set_defaults(func=cmd_predict)
+
+    merge = sub.add_parser("merge", help="merge a run's adapter into its base model")
+    merge.add_argument("run", help="run folder with adapter/")
+    merge.add_argument("out", help="output folder (a plain transformers model)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty folder")
+    merge.set_defaults(func=cmd_merge)
 
     convert = sub.add_parser("convert", help="llama2.c checkpoint -> Hugging Face Llama folder")
     convert.add_argument("source_format", choices=["llama2c"], help="checkpoint format")

@@ -148,3 +148,30 @@ def test_token_normalised_accumulation_matches_bigger_batch(tmp_path, tiny_llama
         GradientState._reset_state()
     for name, tensor in weights[0].items():
         assert torch.allclose(tensor, weights[1][name], atol=1e-5), name
+
+
+def test_packed_rows_train_end_to_end(tmp_path, tiny_llama):
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path), model={"task": "causal_lm",
+                                                                     "max_length": 64},
+        data={"packing": True}, strategy={"kind": "full"}, eval={"max_new_tokens": 1},
+        train={"max_steps": 2, "batch_size": 2}))
+    result = run(recipe, output_dir=str(tmp_path / "run"))
+    assert result["summary"]["steps"] == 2
+
+
+def test_merged_causal_lm_matches_adapter(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.artifacts import load_trained
+    from peftlab.cli import main
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path), model={"task": "causal_lm"},
+        eval={"max_new_tokens": 1}, train={"max_steps": 3, "lr": 1e-2}))
+    run(recipe, output_dir=str(tmp_path / "run"))
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapter, tokenizer, *_ = load_trained(tmp_path / "run")
+    ids = tokenizer(["the movie was great", "a bad film"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**ids).logits, adapter(**ids).logits, atol=1e-4)

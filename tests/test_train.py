@@ -160,3 +160,19 @@ def test_early_stopping_after_patience_evaluations(tmp_path, tiny_bert, sentimen
     assert result["summary"]["steps"] == 3
     assert result["summary"]["best_step"] == 1
     assert len(result["summary"]["eval_history"]) == 3
+
+
+def test_merged_model_matches_the_adapter(lora_run, tmp_path):
+    """`peftlab merge` writes a plain transformers model with the adapter's logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.cli import main
+    run_dir, _ = lora_run
+    assert main(["merge", str(run_dir), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ours, tokenizer, *_ = load_trained(run_dir)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, ours(**batch).logits, atol=1e-4)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert merged.config.id2label == {0: "neg", 1: "pos"}

@@ -1,0 +1,39 @@
+"""Export a finished run: merge an adapter into its base for plain transformers.
+
+The base is loaded unquantized (fp32, or bf16 with --dtype) even when the run trained on a
+4-bit or 8-bit base: merging into quantized weights is known upstream to corrupt outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from peftlab.artifacts import load_trained, read_run
+from peftlab.errors import PeftlabError
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Write `out_dir`: the base with the adapter merged in, plus the tokenizer."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    _, info = read_run(run_dir)
+    if info["artifact"] != "adapter":
+        raise PeftlabError(f"{run_dir}: not an adapter run; its model/ folder is already a "
+                           f"full model")
+    if info.get("pooling") == "mean":
+        raise PeftlabError(f"{run_dir}: a mean-pooled head has no transformers class to merge "
+                           f"into; load it with peftlab instead")
+    model, tokenizer, _, _ = load_trained(run_dir)
+    merged = model.merge_and_unload()
+    merged = merged.to(getattr(torch, dtype))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "peftlab_merge.json").write_text(json.dumps(
+        {"run": str(run_dir.resolve()), "base_model": info["base_model"], "dtype": dtype},
+        indent=2), encoding="utf-8")
+    return out_dir
