@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
 from peftlab.models import build_classifier, load_tokenizer, resolve_model_path
+from peftlab.quantization import dequantize_linears
 
 INFO_FILE = "peftlab.json"
 HEAD_FILE = "classifier.safetensors"
@@ -58,19 +59,22 @@ def _base_path(recipe: Recipe, info: dict) -> str:
         return info["base_model"]
 
 
-def load_trained(run_dir: str | Path):
-    """(model in eval mode, tokenizer, recipe, info) of a finished run."""
+def load_trained(run_dir: str | Path, dequantize: bool = False):
+    """(model in eval mode, tokenizer, recipe, info) of a finished run. dequantize=True turns
+    a quantized base into full-precision linears before the adapter goes on (for merging)."""
     from peft import PeftModel
     run_dir = Path(run_dir)
     recipe, info = read_run(run_dir)
     folder = run_dir / info["artifact"]
     if info.get("task") == "causal_lm":
-        return _load_causal_lm(folder, recipe, info) + (recipe, info)
+        return _load_causal_lm(folder, recipe, info, dequantize) + (recipe, info)
     names, pooling = info["label_names"], info["pooling"]
     tokenizer = load_tokenizer(str(folder), recipe)
     if info["artifact"] == "adapter":
         model = build_classifier(_base_path(recipe, info), pooling, names, recipe,
                                  tokenizer.pad_token_id)
+        if dequantize:
+            dequantize_linears(model)
         if pooling == "mean":
             model.backbone = PeftModel.from_pretrained(model.backbone, folder)
         else:
@@ -98,13 +102,16 @@ def predict_texts(model, tokenizer, texts: list[str], max_length: int,
     return out
 
 
-def _load_causal_lm(folder: Path, recipe: Recipe, info: dict):
+def _load_causal_lm(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
     from peft import PeftModel
 
     from peftlab.causal_lm import load_causal_lm
     tokenizer = load_tokenizer(str(folder), recipe)
     if info["artifact"] == "adapter":
-        model = PeftModel.from_pretrained(load_causal_lm(_base_path(recipe, info), recipe), folder)
+        base = load_causal_lm(_base_path(recipe, info), recipe)
+        if dequantize:
+            dequantize_linears(base)
+        model = PeftModel.from_pretrained(base, folder)
     else:
         model = load_causal_lm(str(folder), recipe)
     return model.eval(), tokenizer

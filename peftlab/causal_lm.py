@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from peftlab.config import Recipe
 from peftlab.errors import PeftlabError
-from peftlab.models import load_tokenizer, resolve_model_path
+from peftlab.models import hub_kwargs, load_tokenizer, resolve_model_path
+from peftlab.quantization import guard_cpu_repacking, load_kwargs
 from peftlab.sft_data import IGNORE, collate_sft, load_sft_data
 from peftlab.strategies import PEFT_KINDS, apply_strategy
 from peftlab.task import Task
@@ -59,12 +60,13 @@ def evaluate_lm(model, loader, accelerator, final: bool = False) -> dict:
 
 def load_causal_lm(path: str, recipe: Recipe) -> nn.Module:
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=recipe.model.trust_remote_code,
-            **({"revision": recipe.model.revision} if recipe.model.revision else {}))
-    except (OSError, ValueError) as err:
+        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(recipe),
+                                                     **hub_kwargs(recipe))
+    except (OSError, ValueError, ImportError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PeftlabError(f"model.name {recipe.model.name}: could not load ({first[:300]})")
+    guard_cpu_repacking(model)
+    return model
 
 
 def prompt_text(tokenizer, example, fmt: str) -> str:

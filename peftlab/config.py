@@ -30,6 +30,10 @@ class ModelConfig:
     pooling: str = "auto"  # auto | cls | mean; auto = mean for head-only on mean-pooled models
     max_length: int = 128  # tokens per example after truncation
     trust_remote_code: bool = False  # run code shipped with a hub model (off: safer)
+    quantization: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes); qlora implies nf4
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too (~0.4 bit/param)
+    compute_dtype: str = "auto"  # 4-bit matmuls: auto (bf16 where native, else fp32) | bfloat16
+    #                              | float32 | float16
     revision: str | None = None  # hub revision (branch, tag or commit)
 
 
@@ -53,7 +57,7 @@ class DataConfig:
 
 @dataclass
 class StrategyConfig:
-    kind: str = "lora"  # full | head | freeze | gradual | lora | dora | peft
+    kind: str = "lora"  # full | head | freeze | gradual | lora | dora | qlora | peft
     freeze_layers: int = 0  # freeze: embeddings + this many bottom layers stay frozen
     unfreeze_every_steps: int = 0  # gradual: unfreeze one more group every K steps (0 = per epoch)
     lora_r: int = 8  # LoRA/DoRA rank
@@ -83,6 +87,8 @@ class TrainConfig:
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
     log_every_steps: int = 20  # TensorBoard and progress-bar update period
     cpu: bool = False  # force CPU even when a GPU is present
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit
 
 
 @dataclass
@@ -110,7 +116,7 @@ class Recipe:
     source: str = field(default="", metadata={"internal": True})  # recipe file, for paths
 
 
-STRATEGY_KINDS = ("full", "head", "freeze", "gradual", "lora", "dora", "peft")
+STRATEGY_KINDS = ("full", "head", "freeze", "gradual", "lora", "dora", "qlora", "peft")
 CHOICES = {
     "model.pooling": ("auto", "cls", "mean"),
     "data.format": ("auto", "csv", "tsv", "json", "jsonl", "parquet", "disk", "hub", "prefixed"),
@@ -118,6 +124,9 @@ CHOICES = {
     "train.scheduler": ("linear", "cosine", "constant_with_warmup"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "model.task": ("classification", "causal_lm"),
+    "model.quantization": ("none", "nf4", "fp4", "int8"),
+    "model.compute_dtype": ("auto", "bfloat16", "float32", "float16"),
+    "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
     "data.sft_format": ("auto", "alpaca", "chat", "prompt_completion", "text"),
     "train.metric_for_best": ("auto", "f1_macro", "accuracy", "perplexity", "f1_weighted",
                               "precision_macro", "recall_macro", "precision_weighted",
@@ -280,6 +289,14 @@ def validate(recipe: Recipe) -> None:
     if recipe.strategy.kind == "peft" and "peft_type" not in recipe.strategy.peft:
         raise PeftlabError(f"{where}: strategy.kind peft needs strategy.peft.peft_type "
                            f"(e.g. IA3, LOHA, VERA) and that config's fields")
+    quantized, kind = recipe.model.quantization != "none", recipe.strategy.kind
+    if quantized and kind in ("full", "freeze", "gradual"):
+        raise PeftlabError(f"{where}: model.quantization {recipe.model.quantization} with "
+                           f"strategy.kind {kind}: quantized weights cannot train; use qlora, "
+                           f"lora, dora, peft or head")
+    if kind == "qlora" and recipe.model.quantization == "int8":
+        raise PeftlabError(f"{where}: qlora is a 4-bit base; for an 8-bit base use "
+                           f"strategy.kind lora with model.quantization int8")
     if recipe.strategy.freeze_layers < 0:
         raise PeftlabError(f"{where}: strategy.freeze_layers must be >= 0")
 

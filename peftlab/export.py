@@ -1,7 +1,8 @@
 """Export a finished run: merge an adapter into its base for plain transformers.
 
-The base is loaded unquantized (fp32, or bf16 with --dtype) even when the run trained on a
-4-bit or 8-bit base: merging into quantized weights is known upstream to corrupt outputs.
+A run trained on a 4-bit or 8-bit base merges into a dequantized fp32 copy of that base (the
+weights the adapter actually trained against), never into the quantized weights: merging
+there re-quantizes the sum and is known upstream to corrupt outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") 
     if info.get("pooling") == "mean":
         raise PeftlabError(f"{run_dir}: a mean-pooled head has no transformers class to merge "
                            f"into; load it with peftlab instead")
-    model, tokenizer, _, _ = load_trained(run_dir)
+    model, tokenizer, _, _ = load_trained(run_dir, dequantize=True)
     merged = model.merge_and_unload()
     merged = merged.to(getattr(torch, dtype))
     if out_dir.exists():

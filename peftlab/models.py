@@ -13,13 +13,13 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from peftlab.config import Recipe
 from peftlab.errors import PeftlabError
+from peftlab.quantization import guard_cpu_repacking, load_kwargs
 
 
 def resolve_model_path(name: str) -> str:
@@ -88,7 +88,7 @@ class MeanPoolClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def _hub_kwargs(recipe: Recipe) -> dict:
+def hub_kwargs(recipe: Recipe) -> dict:
     kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.revision:
         kwargs["revision"] = recipe.model.revision
@@ -103,7 +103,7 @@ def _load_error(name: str, err: Exception) -> PeftlabError:
 def load_tokenizer(path: str, recipe: Recipe):
     """Tokenizer with a pad token (decoders often ship none; EOS stands in)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(recipe))
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(recipe))
     except (OSError, ValueError) as err:
         raise _load_error(recipe.model.name, err) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -125,18 +125,20 @@ def build_classifier(path: str, pooling: str, label_names: list[str], recipe: Re
     tokenizer whenever the checkpoint has none.
     """
     labels = label_kwargs(label_names)
+    quantized = load_kwargs(recipe)
     try:
         if pooling == "mean":
-            config = AutoConfig.from_pretrained(path, **labels, **_hub_kwargs(recipe))
+            config = AutoConfig.from_pretrained(path, **labels, **hub_kwargs(recipe))
             extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
-            backbone = AutoModel.from_pretrained(path, config=config, **extra,
-                                                 **_hub_kwargs(recipe))
+            backbone = AutoModel.from_pretrained(path, config=config, **extra, **quantized,
+                                                 **hub_kwargs(recipe))
             model = MeanPoolClassifier(backbone, len(label_names))
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, **labels, **_hub_kwargs(recipe))
-    except (OSError, ValueError) as err:
+                path, **labels, **quantized, **hub_kwargs(recipe))
+    except (OSError, ValueError, ImportError) as err:
         raise _load_error(recipe.model.name, err) from None
+    guard_cpu_repacking(model)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
@@ -149,11 +151,3 @@ def load_classifier(recipe: Recipe, label_names: list[str]):
     pooling = choose_pooling(recipe, path)
     model = build_classifier(path, pooling, label_names, recipe, tokenizer.pad_token_id)
     return model, tokenizer, pooling
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: GPU max allocated, else the CPU's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

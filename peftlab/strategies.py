@@ -170,6 +170,11 @@ def apply_lora(model: nn.Module, recipe: Recipe) -> nn.Module:
     return _wrap_peft(model, _lora_config(model, recipe, use_dora=False))
 
 
+def apply_qlora(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """LoRA on a 4-bit base (models.py loads it quantized for this kind)."""
+    return _wrap_peft(model, _lora_config(model, recipe, use_dora=False))
+
+
 def apply_dora(model: nn.Module, recipe: Recipe) -> nn.Module:
     return _wrap_peft(model, _lora_config(model, recipe, use_dora=True))
 
@@ -196,9 +201,16 @@ def apply_peft(model: nn.Module, recipe: Recipe) -> nn.Module:
 
 STRATEGIES = {
     "full": apply_full, "head": apply_head, "freeze": apply_freeze, "gradual": apply_gradual,
-    "lora": apply_lora, "dora": apply_dora, "peft": apply_peft,
+    "lora": apply_lora, "dora": apply_dora, "qlora": apply_qlora, "peft": apply_peft,
 }
-PEFT_KINDS = ("lora", "dora", "peft")
+PEFT_KINDS = ("lora", "dora", "qlora", "peft")
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward. Non-reentrant, so frozen embeddings (LoRA, k-bit)
+    need no inputs-require-grad trick to keep gradients flowing."""
+    target = model.backbone if hasattr(model, "backbone") else model
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -209,8 +221,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def apply_strategy(model: nn.Module, recipe: Recipe) -> StrategyReport:
     """Set what trains; for `gradual`, the report's groups drive unfreezing in the loop."""
+    from peftlab.quantization import prepare_kbit
     heads = head_names(model)
     groups = layer_groups(model) if recipe.strategy.kind == "gradual" else []
+    if recipe.strategy.kind in PEFT_KINDS:
+        model = prepare_kbit(model, recipe)  # a no-op for unquantized bases
+    if recipe.train.gradient_checkpointing:
+        enable_checkpointing(model)
     model = STRATEGIES[recipe.strategy.kind](model, recipe)
     trainable, total = count_parameters(model)
     return StrategyReport(model=model, trainable=trainable, total=total, head_names=heads,

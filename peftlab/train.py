@@ -23,13 +23,13 @@ from transformers import get_scheduler
 
 from peftlab.config import Recipe, recipe_to_dict, save_recipe
 from peftlab.errors import PeftlabError
+from peftlab.hardware import peak_memory_mb, resolve_precision
 from peftlab.metrics import format_metrics
-from peftlab.models import peak_memory_mb
 from peftlab.strategies import PEFT_KINDS, StrategyReport, open_groups
 from peftlab.task import Task, micro_batch_groups
 
 DEFAULT_LR = {"full": 5e-5, "freeze": 5e-5, "gradual": 5e-5, "head": 1e-3,
-              "lora": 5e-4, "dora": 5e-4, "peft": 5e-4}
+              "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4, "peft": 5e-4}
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -48,23 +48,19 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
                            f"another --output-dir")
 
 
-def resolve_precision(value: str, use_cpu: bool) -> str:
-    """auto -> bf16 where the hardware runs it fast (CUDA bf16, CPU with AVX512-BF16/AMX)."""
-    if value != "auto":
-        return value
-    if torch.cuda.is_available() and not use_cpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "no"
+def _bnb_optimizer(name: str):
+    def build(groups, lr):
+        import bitsandbytes as bnb
+        return getattr(bnb.optim, name)(groups, lr=lr)
+    return build
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them CPU bf16 is emulated, measured 2.7x slower than fp32
-    on 2048^3 matmuls here (44 vs 118 GFLOP/s), although oneDNN reports bf16 as supported."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+# 8-bit AdamW keeps its two states in 8 bits (2 bytes/param instead of 8); paged optimizers
+# move state to CPU memory under GPU memory pressure instead of failing
+OPTIMIZERS = {"adamw": lambda groups, lr: torch.optim.AdamW(groups, lr=lr),
+              "adamw_8bit": _bnb_optimizer("AdamW8bit"),
+              "paged_adamw": _bnb_optimizer("PagedAdamW"),
+              "paged_adamw_8bit": _bnb_optimizer("PagedAdamW8bit")}
 
 
 def build_optimizer(model, recipe: Recipe, head_names: list[str]) -> torch.optim.Optimizer:
@@ -80,7 +76,7 @@ def build_optimizer(model, recipe: Recipe, head_names: list[str]) -> torch.optim
     param_groups = [{"params": params, "lr": head_lr if is_head else lr,
                      "weight_decay": recipe.train.weight_decay if decay else 0.0}
                     for (is_head, decay), params in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=lr)
+    return OPTIMIZERS[recipe.train.optimizer](param_groups, lr=lr)
 
 
 def _trainable_snapshot(model, names: set[str]) -> dict[str, torch.Tensor]:
