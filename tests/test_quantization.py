@@ -133,3 +133,26 @@ def test_quantization_needs_an_adapter_strategy():
     with pytest.raises(PeftlabError, match="qlora is a 4-bit base"):
         recipe_from_dict({"data": {"train": "x"}, "model": {"quantization": "int8"},
                           "strategy": {"kind": "qlora"}})
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_activation_checkpointing_keeps_lora_gradients(tiny_llama, quantization):
+    """Checkpointing recomputes activations; with a frozen base and LoRA (and a k-bit base)
+    gradients must still reach the adapters, unchanged."""
+    grads = []
+    for checkpointing in (False, True):
+        recipe = recipe_from_dict({
+            "model": {"name": str(tiny_llama), "task": "causal_lm",
+                      "quantization": quantization, "compute_dtype": "float32"},
+            "data": {"train": "x"}, "strategy": {"kind": "lora", "lora_r": 4},
+            "train": {"gradient_checkpointing": checkpointing}})
+        torch.manual_seed(0)
+        model = apply_strategy(load_causal_lm(str(tiny_llama), recipe), recipe).model
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.fill_(0.05)
+        assert model.base_model.model.model.gradient_checkpointing == checkpointing
+        grads.append(lora_grads(model, torch.arange(3, 15).view(1, -1)))
+    assert grads[0] and set(grads[0]) == set(grads[1])
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
