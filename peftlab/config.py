@@ -82,6 +82,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16; auto = bf16 where it is fast
     seed: int = 42  # everything random: split, init, order, dropout
     eval_every_steps: int = 0  # evaluate every N steps (0 = each epoch)
+    eval_at_start: bool = False  # also evaluate the untrained model (step 0 in the history)
     early_stopping_patience: int = 0  # stop after N evaluations without improvement (0 = off)
     metric_for_best: str = "auto"  # picks the checkpoint kept; auto: f1_macro, causal LM: loss
     group_by_length: bool = True  # batch similar lengths together: less padding, faster

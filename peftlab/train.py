@@ -211,6 +211,8 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
                 say(f"early stopping at step {step}: no {metric} gain in {stale} evaluations")
                 stop = True
 
+    if cfg.eval_at_start:
+        evaluate_now()
     while not stop and step < total_steps:
         opened = _unfreeze(report, recipe, step, epoch, opened)
         model.train()
