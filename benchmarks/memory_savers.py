@@ -46,8 +46,7 @@ def build_model(folder: Path, hidden: int, layers: int) -> None:
 
 
 def write_data(folder: Path, seq: int) -> Path:
-    words = ("the movie was really quite good and the story of this film is a very nice one "
-             "with music").split()
+    words = ["the", "movie", "was", "really", "quite", "good", "and", "the", "story", "of", "this", "film", "is", "a", "very", "nice", "one", "with", "music"]
     rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(seq))}
             for i in range(64)]
     path = folder / "text.jsonl"

@@ -51,9 +51,26 @@ def cmd_eval(args) -> int:
     from accelerate import Accelerator
 
     from peftlab.artifacts import load_trained
-    from peftlab.data import load_eval_file, load_labelled_data, make_loader, tokenize_splits
-    from peftlab.metrics import evaluate_split, format_metrics
+    from peftlab.metrics import format_metrics
     model, tokenizer, recipe, info = load_trained(args.run)
+    if info.get("task") == "causal_lm":
+        loaders, evaluate = _lm_eval_loaders(recipe, tokenizer, args.data)
+    else:
+        loaders, evaluate = _classification_eval_loaders(recipe, tokenizer, info, args)
+    accelerator = Accelerator(cpu=recipe.train.cpu)
+    model = accelerator.prepare(model)
+    results = {}
+    for split, loader in loaders.items():
+        results[split] = evaluate(model, accelerator.prepare(loader), accelerator)
+        accelerator.print(format_metrics(split, results[split]))
+    if args.json and accelerator.is_main_process:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+def _classification_eval_loaders(recipe, tokenizer, info, args):
+    from peftlab.data import load_eval_file, load_labelled_data, make_loader, tokenize_splits
+    from peftlab.metrics import evaluate_split
     names = info["label_names"]
     if args.data:
         splits = load_eval_file(args.data, recipe, names)
@@ -64,19 +81,26 @@ def cmd_eval(args) -> int:
                                f"{data.label_names}, the run was trained on {names}")
         splits = data.splits
     tokenized = tokenize_splits(splits, tokenizer, recipe.model.max_length)
-    accelerator = Accelerator(cpu=recipe.train.cpu)
-    model = accelerator.prepare(model)
-    results = {}
-    for split in tokenized:
-        if split == "train":
-            continue
-        loader = accelerator.prepare(make_loader(tokenized[split], tokenizer,
-                                                 recipe.eval.batch_size, train=False, seed=0))
-        results[split] = evaluate_split(model, loader, accelerator, names)
-        accelerator.print(format_metrics(split, results[split]))
-    if args.json and accelerator.is_main_process:
-        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    return 0
+    loaders = {split: make_loader(tokenized[split], tokenizer, recipe.eval.batch_size,
+                                  train=False, seed=0) for split in tokenized if split != "train"}
+    return loaders, lambda model, loader, acc: evaluate_split(model, loader, acc, names)
+
+
+def _lm_eval_loaders(recipe, tokenizer, data_file: str | None):
+    from torch.utils.data import DataLoader
+
+    from peftlab.causal_lm import evaluate_lm
+    from peftlab.sft_data import collate_sft, load_sft_data
+    if data_file:  # the run's row format and lengths, another file, scored whole
+        recipe.data.train = recipe.data.validation = str(Path(data_file).resolve())
+        recipe.data.test, recipe.data.split_ratios = None, [1.0, 0.0, 0.0]
+    data = load_sft_data(recipe, tokenizer)
+    collate = collate_sft(tokenizer.pad_token_id)
+    splits = ["validation"] if data_file else [s for s in data.splits if s != "train"]
+    loaders = {("eval" if data_file else split): DataLoader(
+        data.splits[split], batch_size=recipe.eval.batch_size, collate_fn=collate)
+        for split in splits}
+    return loaders, evaluate_lm
 
 
 def cmd_predict(args) -> int:

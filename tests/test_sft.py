@@ -175,3 +175,18 @@ def test_merged_causal_lm_matches_adapter(tmp_path, tiny_llama):
     ids = tokenizer(["the movie was great", "a bad film"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, adapter(**ids).logits, atol=1e-4)
+
+
+def test_eval_command_scores_a_causal_lm_run(tmp_path, tiny_llama, capsys):
+    from peftlab.cli import main
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path), model={"task": "causal_lm"},
+        strategy={"kind": "full"}, eval={"max_new_tokens": 1},
+        train={"epochs": 2, "batch_size": 8, "lr": 1e-2}))
+    result = run(recipe, output_dir=str(tmp_path / "run"))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--json", str(tmp_path / "m.json")]) == 0
+    scored = json.loads((tmp_path / "m.json").read_text())
+    assert scored["test"]["loss"] == pytest.approx(result["metrics"]["test"]["loss"], rel=1e-4)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(alpaca_file(tmp_path, 10))]) == 0
+    assert "eval: loss=" in capsys.readouterr().out
