@@ -138,11 +138,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _output_folder(path: str, overwrite: bool) -> Path:
+    """An output folder that is empty, or that the user allowed us to replace."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PeftlabError(f"{out}: not empty; pass --overwrite or choose another folder")
+    return out
+
+
 def cmd_merge(args) -> int:
     from peftlab.export import merge_run
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise PeftlabError(f"{out}: not empty; pass --overwrite or choose another folder")
+    out = _output_folder(args.out, args.overwrite)
     merge_run(args.run, out, args.dtype)
     print(f"wrote the merged model to {out}")
     return 0
@@ -150,9 +156,7 @@ def cmd_merge(args) -> int:
 
 def cmd_convert(args) -> int:
     from peftlab.convert import convert_llama2c
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise PeftlabError(f"{out}: not empty; pass --overwrite or choose another folder")
+    out = _output_folder(args.out, args.overwrite)
     convert_llama2c(args.model, args.tokenizer, out)
     print(f"wrote a Hugging Face Llama folder to {out}")
     return 0
