@@ -65,7 +65,8 @@ def evaluate_split(model, loader, accelerator, label_names: list[str],
     return result
 
 
-SUMMARY_KEYS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_weighted", "loss")
+SUMMARY_KEYS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_weighted", "loss",
+                "perplexity")
 
 
 def format_metrics(name: str, metrics: dict) -> str:
