@@ -13,18 +13,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from transformers import AutoModelForCausalLM
 
+from peftlab.artifacts import INFO_FILE
 from peftlab.config import Recipe
+from peftlab.data import make_loader
 from peftlab.errors import PeftlabError
 from peftlab.models import hub_kwargs, load_tokenizer, resolve_model_path
 from peftlab.quantization import guard_cpu_repacking, load_kwargs
 from peftlab.sft_data import IGNORE, collate_sft, load_sft_data
 from peftlab.strategies import PEFT_KINDS, apply_strategy
 from peftlab.task import Task
-
-INFO_FILE = "peftlab.json"
 
 
 def token_losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +105,10 @@ def prepare_causal_lm(recipe: Recipe, say) -> Task:
     report = apply_strategy(model, recipe)
     say(f"strategy {recipe.strategy.kind}: {report.describe()}")
     collate = collate_sft(tokenizer.pad_token_id)
-    generator = torch.Generator().manual_seed(recipe.train.seed)
-    loaders = {split: DataLoader(
-        ds, batch_size=recipe.train.batch_size if split == "train" else recipe.eval.batch_size,
-        sampler=RandomSampler(ds, generator=generator) if split == "train" else
-        SequentialSampler(ds), collate_fn=collate) for split, ds in data.splits.items()}
+    loaders = {split: make_loader(
+        ds, recipe.train.batch_size if split == "train" else recipe.eval.batch_size,
+        collate=collate, train=split == "train", seed=recipe.train.seed)
+        for split, ds in data.splits.items()}
     prompts = [str(p) for p in recipe.eval.sample_prompts] or [
         prompt_text(tokenizer, example, data.fmt) for example in data.prompts]
 
@@ -133,7 +131,7 @@ def prepare_causal_lm(recipe: Recipe, say) -> Task:
                 "base_model": path}
         (run_dir / INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
-    return Task(model=report.model, tokenizer=tokenizer, report=report, loaders=loaders,
+    return Task(report=report, loaders=loaders,
                 batch_loss=summed_token_loss, count_items=count_target_tokens,
                 evaluate=evaluate_lm, save=save, default_metric="loss",
                 history_keys=("loss", "perplexity"), summary={"sft_format": data.fmt},

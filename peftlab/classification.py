@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DataCollatorWithPadding
 
 from peftlab.artifacts import save_trained
 from peftlab.config import Recipe
@@ -36,9 +37,10 @@ def prepare_classification(recipe: Recipe, say) -> Task:
     say(f"strategy {recipe.strategy.kind} (pooling {pooling}): {report.describe()}")
     tokenized = tokenize_splits(data.splits, tokenizer, recipe.model.max_length)
     train = recipe.train
-    loaders = {split: make_loader(tokenized[split], tokenizer,
+    collate = DataCollatorWithPadding(tokenizer)
+    loaders = {split: make_loader(tokenized[split],
                                   train.batch_size if split == "train" else recipe.eval.batch_size,
-                                  train=split == "train", seed=train.seed,
+                                  collate=collate, train=split == "train", seed=train.seed,
                                   group_by_length=train.group_by_length)
                for split in tokenized}
 
@@ -51,7 +53,7 @@ def prepare_classification(recipe: Recipe, say) -> Task:
                      peft=recipe.strategy.kind in PEFT_KINDS, label_names=data.label_names,
                      base_path=resolve_model_path(recipe.model.name))
 
-    return Task(model=report.model, tokenizer=tokenizer, report=report, loaders=loaders,
+    return Task(report=report, loaders=loaders,
                 batch_loss=summed_cross_entropy, count_items=count_examples,
                 evaluate=evaluate, save=save, default_metric="f1_macro",
                 history_keys=("accuracy", "f1_macro", "loss"),

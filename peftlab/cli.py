@@ -69,6 +69,8 @@ def cmd_eval(args) -> int:
 
 
 def _classification_eval_loaders(recipe, tokenizer, info, args):
+    from transformers import DataCollatorWithPadding
+
     from peftlab.data import load_eval_file, load_labelled_data, make_loader, tokenize_splits
     from peftlab.metrics import evaluate_split
     names = info["label_names"]
@@ -81,15 +83,15 @@ def _classification_eval_loaders(recipe, tokenizer, info, args):
                                f"{data.label_names}, the run was trained on {names}")
         splits = data.splits
     tokenized = tokenize_splits(splits, tokenizer, recipe.model.max_length)
-    loaders = {split: make_loader(tokenized[split], tokenizer, recipe.eval.batch_size,
+    collate = DataCollatorWithPadding(tokenizer)
+    loaders = {split: make_loader(tokenized[split], recipe.eval.batch_size, collate=collate,
                                   train=False, seed=0) for split in tokenized if split != "train"}
     return loaders, lambda model, loader, acc: evaluate_split(model, loader, acc, names)
 
 
 def _lm_eval_loaders(recipe, tokenizer, data_file: str | None):
-    from torch.utils.data import DataLoader
-
     from peftlab.causal_lm import evaluate_lm
+    from peftlab.data import make_loader
     from peftlab.sft_data import collate_sft, load_sft_data
     if data_file:  # the run's row format and lengths, another file, scored whole
         recipe.data.train = recipe.data.validation = str(Path(data_file).resolve())
@@ -97,8 +99,8 @@ def _lm_eval_loaders(recipe, tokenizer, data_file: str | None):
     data = load_sft_data(recipe, tokenizer)
     collate = collate_sft(tokenizer.pad_token_id)
     splits = ["validation"] if data_file else [s for s in data.splits if s != "train"]
-    loaders = {("eval" if data_file else split): DataLoader(
-        data.splits[split], batch_size=recipe.eval.batch_size, collate_fn=collate)
+    loaders = {("eval" if data_file else split): make_loader(
+        data.splits[split], recipe.eval.batch_size, collate=collate, train=False, seed=0)
         for split in splits}
     return loaders, evaluate_lm
 

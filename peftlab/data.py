@@ -14,7 +14,6 @@ import datasets
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
-from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from peftlab.config import Recipe, resolve_data_path
@@ -106,6 +105,11 @@ def label_vocabulary(train_labels: list[str], recipe: Recipe) -> list[str]:
     return present
 
 
+def _labels_index_names(recipe: Recipe, labels: list[str]) -> bool:
+    """With data.label_names, integer labels are positions in that list, not names."""
+    return bool(recipe.data.label_names) and all(label.isdigit() for label in labels)
+
+
 def _to_ids(columns: dict, names: list[str], numeric_names: bool, where: str) -> dict:
     index = {name: i for i, name in enumerate(names)}
     ids = []
@@ -132,7 +136,9 @@ def stratified_split(n_rows: int, labels: list[int], fraction: float, seed: int)
         return train_test_split(indices, test_size=fraction, random_state=seed)
 
 
-def _read_splits(recipe: Recipe) -> dict[str, datasets.Dataset]:
+def read_splits(recipe: Recipe) -> dict[str, datasets.Dataset]:
+    """The recipe's train/validation/test sources; a saved or hub DatasetDict given as train
+    also supplies the eval splits the recipe leaves out."""
     data = recipe.data
     found: dict[str, datasets.Dataset] = {}
     for split in SPLITS:
@@ -155,7 +161,7 @@ def _read_splits(recipe: Recipe) -> dict[str, datasets.Dataset]:
 
 def load_labelled_data(recipe: Recipe) -> LabelledData:
     """Read, clean, label and split the recipe's data; prints nothing (see format_report)."""
-    raw = _read_splits(recipe)
+    raw = read_splits(recipe)
     columns, report = {}, {}
     for split, dataset in raw.items():
         columns[split], report[split] = clean_split(dataset, recipe, f"data.{split}")
@@ -165,7 +171,7 @@ def load_labelled_data(recipe: Recipe) -> LabelledData:
     names = label_vocabulary(columns["train"]["label"], recipe)
     if len(set(columns["train"]["label"])) < 2:
         raise PeftlabError(f"data.train: only one class ('{names[0]}'); a classifier needs two")
-    numeric = bool(recipe.data.label_names) and all(n.isdigit() for n in columns["train"]["label"])
+    numeric = _labels_index_names(recipe, columns["train"]["label"])
     ids = {s: _to_ids(c, names, numeric, f"data.{s}") for s, c in columns.items()}
     ids = split_missing(ids, recipe, report)
     splits = datasets.DatasetDict({s: datasets.Dataset.from_dict(c) for s, c in ids.items()})
@@ -243,9 +249,10 @@ def tokenize_splits(splits: datasets.DatasetDict, tokenizer, max_length: int):
     return splits.map(encode, batched=True, remove_columns=drop, desc="tokenize")
 
 
-def make_loader(dataset: datasets.Dataset, tokenizer, batch_size: int, *, train: bool,
+def make_loader(dataset: datasets.Dataset, batch_size: int, *, collate, train: bool,
                 seed: int, group_by_length: bool = False) -> DataLoader:
-    """Batches padded to their longest member. Train order is seeded; eval order is fixed."""
+    """Train order is seeded (optionally length-grouped); eval order is fixed. `collate`
+    pads each batch to its longest member."""
     generator = torch.Generator().manual_seed(seed)
     if train and group_by_length:
         lengths = [len(ids) for ids in dataset["input_ids"]]
@@ -254,7 +261,6 @@ def make_loader(dataset: datasets.Dataset, tokenizer, batch_size: int, *, train:
         sampler = RandomSampler(dataset, generator=generator)
     else:
         sampler = SequentialSampler(dataset)
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=None)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       drop_last=False)
 
@@ -267,6 +273,6 @@ def load_eval_file(path: str, recipe: Recipe, label_names: list[str]) -> dataset
     columns, _ = clean_split(source, recipe, path)
     if not columns["text"]:
         raise PeftlabError(f"{path}: no usable rows (empty texts or missing labels)")
-    numeric = bool(recipe.data.label_names) and all(x.isdigit() for x in columns["label"])
+    numeric = _labels_index_names(recipe, columns["label"])
     ids = _to_ids(columns, label_names, numeric, path)
     return datasets.DatasetDict({"eval": datasets.Dataset.from_dict(ids)})

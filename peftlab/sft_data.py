@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from peftlab.config import Recipe, resolve_data_path
+from peftlab.config import Recipe
+from peftlab.data import read_splits
 from peftlab.errors import PeftlabError
-from peftlab.sources import pick_split, read_source
 
 IGNORE = -100
 DEFAULT_CHAT_TEMPLATE = (
@@ -119,21 +119,6 @@ class SftData:
     report: dict
 
 
-def _read(recipe: Recipe) -> dict[str, datasets.Dataset]:
-    found = {}
-    for split in ("train", "validation", "test"):
-        value = getattr(recipe.data, split)
-        if not value:
-            continue
-        path = resolve_data_path(value, recipe)
-        source = read_source(path, recipe.data.format, "text", "label")
-        if isinstance(source, datasets.DatasetDict):
-            source = pick_split(source, split, path)
-        if source is not None:
-            found[split] = source
-    return found
-
-
 def _split_off(rows: dict[str, list], recipe: Recipe) -> dict[str, list]:
     """Seeded random validation/test split of train rows when the recipe gives none."""
     train_ratio, val_ratio, test_ratio = recipe.data.split_ratios
@@ -156,7 +141,7 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SftData:
     """Read, render and tokenize every split; rows without a target token are dropped."""
     if tokenizer.chat_template is None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    raw = _read(recipe)
+    raw = read_splits(recipe)
     fmt = detect_sft_format(raw["train"].column_names, recipe.data.sft_format, "data.train")
     examples = {split: [row_to_messages(row, fmt) for row in ds] for split, ds in raw.items()}
     examples = _split_off(examples, recipe)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,9 +19,7 @@ from peftlab.strategies import StrategyReport
 
 @dataclass
 class Task:
-    model: nn.Module
-    tokenizer: Any
-    report: StrategyReport
+    report: StrategyReport  # report.model is the model with its strategy applied
     loaders: dict[str, DataLoader]  # train, validation and maybe test, before prepare()
     # (model, batch) -> summed loss over the batch's items (examples or target tokens)
     batch_loss: Callable[[nn.Module, dict], torch.Tensor]

@@ -21,6 +21,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from peftlab.causal_lm import prepare_causal_lm
+from peftlab.classification import prepare_classification
 from peftlab.config import Recipe, recipe_to_dict, save_recipe
 from peftlab.errors import PeftlabError
 from peftlab.hardware import peak_memory_mb, resolve_precision
@@ -126,15 +128,7 @@ def _tracker_config(recipe: Recipe) -> dict:
     return flat
 
 
-TASKS = {"classification": "peftlab.classification:prepare_classification",
-         "causal_lm": "peftlab.causal_lm:prepare_causal_lm"}
-
-
-def prepare_task(recipe: Recipe, say) -> Task:
-    """The recipe's task module, imported on demand (a classifier needs no SFT code)."""
-    import importlib
-    module, _, function = TASKS[recipe.model.task].partition(":")
-    return getattr(importlib.import_module(module), function)(recipe, say)
+TASKS = {"classification": prepare_classification, "causal_lm": prepare_causal_lm}
 
 
 def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) -> dict:
@@ -152,12 +146,12 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
                               project_dir=str(run_dir))
     say = accelerator.print
     set_seed(cfg.seed)
-    task = prepare_task(recipe, say)
+    task: Task = TASKS[recipe.model.task](recipe, say)
     report = task.report
     _prepare_output(run_dir, overwrite, recipe, accelerator)
 
-    optimizer = build_optimizer(task.model, recipe, report.head_names)
-    model, optimizer, *prepared = accelerator.prepare(task.model, optimizer,
+    optimizer = build_optimizer(report.model, recipe, report.head_names)
+    model, optimizer, *prepared = accelerator.prepare(report.model, optimizer,
                                                       *task.loaders.values())
     loaders = dict(zip(task.loaders, prepared))
     updates_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum)

@@ -43,6 +43,19 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return [{"text": make_sentence(rng, label), "label": label} for label in labels]
 
 
+def reset_accelerate_state() -> None:
+    """Each run builds its own Accelerator; the library keeps a process-wide singleton."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    reset_accelerate_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 BERT with a word-level vocabulary of the test words."""

@@ -12,14 +12,6 @@ from conftest import REPO, write_recipe, write_rows
 from peftlab.cli import main
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, GradientState
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def peftlab(*args, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "peftlab", *map(str, args)], cwd=cwd, env=env,

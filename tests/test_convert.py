@@ -93,8 +93,7 @@ def test_stories260k_sft_lowers_held_out_loss(stories, tmp_path, kind):
     ends with the same moral. Held-out loss must fall."""
     import json
 
-    from accelerate.state import AcceleratorState, GradientState
-    from conftest import write_recipe
+    from conftest import reset_accelerate_state, write_recipe
 
     from peftlab.config import load_recipe
     from peftlab.train import run
@@ -109,7 +108,6 @@ def test_stories260k_sft_lowers_held_out_loss(stories, tmp_path, kind):
         strategy={"kind": kind, "lora_r": 8}, eval={"max_new_tokens": 12},
         train={"epochs": 3, "batch_size": 4, "lr": 5e-3 if kind == "lora" else 1e-3}))
     result = run(recipe, output_dir=str(tmp_path / "run"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     history = result["summary"]["eval_history"]
     assert history[-1]["loss"] < 0.8 * history[0]["loss"], history

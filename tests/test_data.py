@@ -136,19 +136,20 @@ def test_missing_file(tmp_path):
 
 
 def test_batches_pad_dynamically_and_group_by_length(tmp_path, tiny_bert):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, DataCollatorWithPadding
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     path = write_rows(tmp_path / "d.csv", sentiment_rows(200))
     data = load_labelled_data(recipe_for(path))
     tokenized = tokenize_splits(data.splits, tokenizer, max_length=8)
     assert max(len(ids) for ids in tokenized["train"]["input_ids"]) == 8  # truncated
     tokenized = tokenize_splits(data.splits, tokenizer, max_length=32)
-    loader = make_loader(tokenized["train"], tokenizer, 16, train=True, seed=0,
+    collate = DataCollatorWithPadding(tokenizer)
+    loader = make_loader(tokenized["train"], 16, collate=collate, train=True, seed=0,
                          group_by_length=True)
     widths = [batch["input_ids"].shape[1] for batch in loader]
     assert len(set(widths)) > 1  # padded per batch, not to a global length
     assert sum(len(batch["labels"]) for batch in make_loader(
-        tokenized["train"], tokenizer, 16, train=True, seed=0)) == len(tokenized["train"])
+        tokenized["train"], 16, collate=collate, train=True, seed=0)) == len(tokenized["train"])
 
 
 def test_text_pairs_are_encoded_together(tmp_path, tiny_bert):

@@ -11,14 +11,6 @@ from peftlab.strategies import apply_strategy, layer_groups
 from peftlab.train import run
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, GradientState
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 def test_decoder_strategies_find_layers_head_and_embeddings(request, fixture):
     path = request.getfixturevalue(fixture)

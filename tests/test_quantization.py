@@ -16,14 +16,6 @@ from peftlab.strategies import apply_strategy
 from peftlab.train import run
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, GradientState
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def sft_file(tmp_path, n=64):
     rows = [{"prompt": "the movie was " + ("great" if i % 2 else "awful"),
              "completion": " nice" if i % 2 else " bad"} for i in range(n)]

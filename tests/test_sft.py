@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import reset_accelerate_state, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -15,13 +15,6 @@ from peftlab.train import run
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, GradientState
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture
@@ -143,9 +136,7 @@ def test_token_normalised_accumulation_matches_bigger_batch(tmp_path, tiny_llama
                    "warmup_ratio": 0.0}))
         run(recipe, output_dir=str(tmp_path / f"run{batch}"))
         weights.append(load_file(tmp_path / f"run{batch}" / "model" / "model.safetensors"))
-        from accelerate.state import AcceleratorState, GradientState
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     for name, tensor in weights[0].items():
         assert torch.allclose(tensor, weights[1][name], atol=1e-5), name
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import reset_accelerate_state, write_recipe
 from safetensors.torch import load_file
 
 from peftlab.artifacts import load_trained, predict_texts
@@ -15,14 +15,6 @@ TEXTS = ["the movie was really great", "a terrible and boring film", "this show 
          "awful ending with sad music"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each run builds its own Accelerator; the library keeps a process-wide singleton."""
-    from accelerate.state import AcceleratorState, GradientState
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_bert, sentiment_csv):
@@ -30,9 +22,7 @@ def lora_run(tmp_path_factory, tiny_bert, sentiment_csv):
     recipe = load_recipe(write_recipe(folder / "recipe.yaml", tiny_bert, sentiment_csv,
                                       output={"tensorboard": True}))
     result = run(recipe, output_dir=str(folder / "run"))
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return folder / "run", result
 
 
@@ -98,9 +88,7 @@ def test_accumulation_matches_a_bigger_batch(tmp_path, tiny_bert, sentiment_csv)
                                    "group_by_length": False, "lr": 1e-3, "warmup_ratio": 0.0})
         run(load_recipe(path), output_dir=str(tmp_path / f"run{batch}"))
         weights.append(load_file(tmp_path / f"run{batch}" / "model" / "model.safetensors"))
-        from accelerate.state import AcceleratorState, GradientState
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     changed = False
     for name, tensor in weights[0].items():
         assert torch.allclose(tensor, weights[1][name], atol=1e-5), name
