@@ -30,6 +30,12 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
     return torch.float32
 
 
+# heads stay in full precision: a new classifier trains in full (peft copies it into
+# modules_to_save, which a 4-bit layer does not survive) and the output projection is small
+# next to the body; naming the list replaces transformers' default, so lm_head is in it
+KEEP_UNQUANTIZED = ("lm_head", "classifier", "score", "pre_classifier", "qa_outputs")
+
+
 def quantization_config(recipe: Recipe):
     """BitsAndBytesConfig for from_pretrained, or None for an unquantized base."""
     kind = quantization_kind(recipe)
@@ -37,16 +43,31 @@ def quantization_config(recipe: Recipe):
         return None
     from transformers import BitsAndBytesConfig
     if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(KEEP_UNQUANTIZED))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
                               bnb_4bit_use_double_quant=recipe.model.double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype(recipe))
+                              bnb_4bit_compute_dtype=compute_dtype(recipe),
+                              llm_int8_skip_modules=list(KEEP_UNQUANTIZED))
+
+
+# strategies whose base weights never train: under bf16 autocast they are stored in bf16
+# (half of fp32), while what trains is kept in fp32 (see strategies.keep_trainable_fp32)
+FROZEN_BASE_KINDS = ("lora", "dora", "peft", "head")
+
+
+def frozen_base_in_bf16(recipe: Recipe) -> bool:
+    from peftlab.hardware import resolve_precision
+    return (recipe.strategy.kind in FROZEN_BASE_KINDS and quantization_kind(recipe) == "none"
+            and resolve_precision(recipe.train.mixed_precision, recipe.train.cpu) == "bf16")
 
 
 def load_kwargs(recipe: Recipe) -> dict:
-    """from_pretrained keywords for the base: its quantization, if any."""
+    """from_pretrained keywords for the base: its quantization, if any, and bf16 storage for
+    a frozen base under bf16 training (an 8B LoRA base: 16 GB instead of 32 GB)."""
     config = quantization_config(recipe)
-    return {"quantization_config": config} if config is not None else {}
+    if config is not None:
+        return {"quantization_config": config}
+    return {"dtype": torch.bfloat16} if frozen_base_in_bf16(recipe) else {}
 
 
 def guard_cpu_repacking(model: torch.nn.Module) -> int:

@@ -148,3 +148,21 @@ def test_activation_checkpointing_keeps_lora_gradients(tiny_llama, quantization)
     assert grads[0] and set(grads[0]) == set(grads[1])
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+
+
+def test_qlora_classifier_keeps_its_head_in_full_precision_and_trains_it(tmp_path, tiny_bert,
+                                                                         sentiment_csv):
+    """The new head must not be quantized: peft copies it into modules_to_save, and a copied
+    4-bit layer fails on its first forward (found by the strategies benchmark)."""
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+        model={"compute_dtype": "float32", "pooling": "cls"},
+        strategy={"kind": "qlora", "lora_r": 4}, train={"epochs": 1}))
+    run(recipe, output_dir=str(tmp_path / "run"))
+    from peftlab.artifacts import load_trained
+    model, *_ = load_trained(tmp_path / "run")
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and not any("classifier" in n for n in quantized)
+    head = model.base_model.model.classifier
+    trained, original = head.modules_to_save["default"].weight, head.original_module.weight
+    assert trained.dtype == torch.float32 and not torch.equal(trained, original)
