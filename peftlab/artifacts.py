@@ -65,6 +65,8 @@ def load_trained(run_dir: str | Path, dequantize: bool = False):
     from peft import PeftModel
     run_dir = Path(run_dir)
     recipe, info = read_run(run_dir)
+    if dequantize:  # merge into fp32 weights, also when training kept the frozen base in bf16
+        recipe.train.mixed_precision = "no"
     folder = run_dir / info["artifact"]
     if info.get("task") == "causal_lm":
         return _load_causal_lm(folder, recipe, info, dequantize) + (recipe, info)

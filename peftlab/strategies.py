@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from peftlab.config import Recipe
@@ -53,7 +54,7 @@ def layer_stack(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
-def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
+def embedding_params(model: nn.Module) -> list[nn.Parameter]:
     """Backbone parameters below the layers: embeddings (and their norm)."""
     layers = {id(p) for p in layer_stack(model).parameters()}
     body = backbone_of(model)
@@ -70,7 +71,7 @@ def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     """Parameter groups from the top: head + top-of-body, last layer, ..., first, embeddings."""
     layers = list(layer_stack(model))
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    embeddings = _embedding_params(model)
+    embeddings = embedding_params(model)
     in_embeddings = {id(p) for p in embeddings}
     top = [p for p in model.parameters() if id(p) not in in_layers | in_embeddings]
     return [top] + [list(layer.parameters()) for layer in reversed(layers)] + [embeddings]
@@ -101,7 +102,7 @@ def apply_freeze(model: nn.Module, recipe: Recipe) -> nn.Module:
         raise PeftlabError(f"strategy.freeze_layers={count}, but the model has only "
                            f"{len(layers)} layers")
     _set_trainable(model.parameters(), True)
-    _set_trainable(_embedding_params(model), False)
+    _set_trainable(embedding_params(model), False)
     for layer in list(layers)[:count]:
         _set_trainable(layer.parameters(), False)
     return model
@@ -221,6 +222,14 @@ def enable_checkpointing(model: nn.Module) -> None:
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def keep_trainable_fp32(model: nn.Module) -> None:
+    """Optimizer updates in bf16 lose small steps: whatever trains lives in fp32, also when
+    the frozen base was loaded in bf16 (peft already does this for LoRA weights, not heads)."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     params = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -237,6 +246,7 @@ def apply_strategy(model: nn.Module, recipe: Recipe) -> StrategyReport:
     if recipe.train.gradient_checkpointing:
         enable_checkpointing(model)
     model = STRATEGIES[recipe.strategy.kind](model, recipe)
+    keep_trainable_fp32(model)
     trainable, total = count_parameters(model)
     return StrategyReport(model=model, trainable=trainable, total=total, head_names=heads,
                           groups=groups)

@@ -109,3 +109,35 @@ def test_mean_pool_lora_adapts_body_and_trains_head(tiny_bert):
     names = trainable(report.model)
     assert {"classifier.weight", "classifier.bias"} <= names
     assert all(n.startswith("classifier.") or "lora_" in n for n in names)
+
+
+@pytest.mark.parametrize("kind", ["lora", "head"])
+def test_frozen_base_is_bf16_under_bf16_training_and_what_trains_is_fp32(tiny_bert, kind):
+    import torch
+
+    from peftlab.models import load_classifier
+    recipe = recipe_from_dict({"model": {"name": str(tiny_bert), "pooling": "cls"},
+                               "data": {"train": "x.csv"}, "strategy": {"kind": kind},
+                               "train": {"mixed_precision": "bf16", "cpu": True}})
+    model, _, _ = load_classifier(recipe, ["neg", "pos"])
+    report = apply_strategy(model, recipe)
+    frozen = {p.dtype for p in report.model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in report.model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    batch = {"input_ids": torch.randint(5, 40, (2, 6)), "attention_mask": torch.ones(2, 6)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = report.model(**batch).logits.float().logsumexp(-1).sum()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in report.model.parameters() if p.requires_grad)
+
+
+def test_full_fine_tuning_keeps_fp32_weights_under_bf16(tiny_bert):
+    import torch
+
+    from peftlab.models import load_classifier
+    recipe = recipe_from_dict({"model": {"name": str(tiny_bert), "pooling": "cls"},
+                               "data": {"train": "x.csv"}, "strategy": {"kind": "full"},
+                               "train": {"mixed_precision": "bf16", "cpu": True}})
+    model, _, _ = load_classifier(recipe, ["neg", "pos"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
