@@ -1,4 +1,4 @@
-"""peftlab train | eval | predict | quickstart | merge | convert.
+"""peftlab train | plan | eval | predict | quickstart | merge | convert.
 
 User mistakes (PeftlabError) print one line on stderr and exit 2; anything else is a bug and
 keeps its traceback. Heavy imports happen inside the commands so `--help` stays instant.
@@ -36,6 +36,55 @@ def cmd_train(args) -> int:
     from peftlab.train import run
     recipe = load_recipe(args.recipe, args.overrides)
     run(recipe, output_dir=args.output_dir, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import torch
+
+    from peftlab.config import load_recipe
+    from peftlab.memory import (
+        MB,
+        PLAN_KINDS,
+        format_plan,
+        overhead_bytes,
+        parse_size,
+        plan,
+        recommend,
+    )
+    from peftlab.model_shape import shape_of
+    recipe = load_recipe(args.recipe, args.overrides)
+    device = args.device or ("cuda" if torch.cuda.is_available() and not recipe.train.cpu
+                             else "cpu")
+    kinds = args.strategies.split(",") if args.strategies else list(PLAN_KINDS)
+    unknown = sorted(set(kinds) - set(PLAN_KINDS))
+    if unknown:
+        raise PeftlabError(f"--strategies: cannot plan {', '.join(unknown)}; choose from "
+                           f"{', '.join(PLAN_KINDS)}")
+    budget = parse_size(args.budget) if args.budget else None
+    shape = shape_of(recipe, num_labels=max(len(recipe.data.label_names or []), 2))
+    overhead = overhead_bytes(recipe, device)
+    estimates = plan(recipe, device, kinds, shape=shape, overhead=overhead)
+    print(f"peak memory on {device}: micro-batch {recipe.train.batch_size} x "
+          f"{recipe.model.max_length} tokens, checkpointing "
+          f"{'on' if recipe.train.gradient_checkpointing else 'off'}, "
+          f"optimizer {recipe.train.optimizer}, {shape.total:,} parameters")
+    print(format_plan(estimates, budget))
+    if budget:
+        best = recommend(recipe, shape, budget, overhead, device=device)
+        if best is None:
+            print(f"nothing fits {args.budget}: try a shorter model.max_length or a smaller "
+                  f"model")
+        else:
+            effective = recipe.train.batch_size * recipe.train.grad_accum
+            print(f"recommended within {args.budget}: strategy.kind={best.kind} "
+                  f"train.batch_size={best.micro_batch} "
+                  f"train.grad_accum={max(effective // best.micro_batch, 1)} "
+                  f"train.gradient_checkpointing={str(best.checkpointing).lower()} "
+                  f"(~{best.total / MB:,.0f} MB, effective batch {effective} kept)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{**e.__dict__, "total": e.total} for e in estimates], indent=2), encoding="utf-8")
     return 0
 
 
@@ -190,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="run folder (default: output.dir or runs/<recipe>)")
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder")
     train.set_defaults(func=cmd_train)
+
+    planner = sub.add_parser("plan", help="predict peak memory per strategy before a run")
+    planner.add_argument("recipe", help="recipe YAML file")
+    planner.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=8")
+    planner.add_argument("--budget", help="memory to fit in, e.g. 8GiB: adds a recommendation")
+    planner.add_argument("--device", choices=["cuda", "cpu"], help="default: where train runs")
+    planner.add_argument("--strategies", help="comma list (default: all plannable)")
+    planner.add_argument("--json", help="also write the estimates to this JSON file")
+    planner.set_defaults(func=cmd_plan)
 
     quick = sub.add_parser("quickstart", help="LoRA on the packaged MiniLM and demo data")
     quick.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2")

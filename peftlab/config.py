@@ -72,6 +72,7 @@ class TrainConfig:
     epochs: float = 3.0  # passes over train (fractions allowed)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
     batch_size: int = 32  # micro-batch per process
+    auto_batch_size: bool = False  # shrink the micro-batch to what `peftlab plan` says fits free memory; accumulation keeps the effective batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # peak lr; default by strategy: 5e-5 full/freeze/gradual, 1e-3 head, 5e-4 adapters
     head_lr: float | None = None  # learning rate of a new head (default: lr)

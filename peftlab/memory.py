@@ -1,0 +1,298 @@
+"""Predict a run's peak memory per strategy before it starts, and recommend what fits.
+
+Peak = weights (by storage dtype, 4/8-bit with their quantization constants) + gradients and
+optimizer states of what trains + activations saved for backward (micro-batch x sequence x
+the tensors each layer keeps, fewer with checkpointing, logits over the vocabulary for causal
+LMs) + the best-weights snapshot + runtime overhead. On CPU the overhead is what the Python
+stack itself takes (measured in this process after importing it, the same libraries a run
+loads); on GPU peak allocated memory has no such term. The benchmark holds these numbers
+against measured peaks (benchmarks/results), and a test keeps them honest on tiny models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftlab.config import Recipe
+from peftlab.model_shape import ModelShape, lora_params, shape_of
+
+MB = 2**20
+GiB = 2**30
+FP32 = 4
+# bytes per weight of a quantized Linear: 4-bit codes + one fp32 absmax per 64 weights, or
+# with double quantization an 8-bit absmax per 64 and an fp32 constant per 256 of those;
+# int8 (LLM.int8): one byte + an fp32 scale per output row (negligible)
+QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64, "int8": 1.0}
+DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2}
+PLAN_KINDS = ("full", "freeze", "gradual", "lora", "dora", "qlora", "head")
+
+
+@dataclass
+class Estimate:
+    """Peak = overhead + weights + optimizer states + the largest of three moments: backward
+    starting (saved activations and one layer's working set live), backward ending (the
+    activations are freed as it goes and every gradient is there; gradients are freed after
+    each optimizer step, so they never meet the next forward's activations) and an
+    evaluation (the best-weights snapshot and one layer's forward at the eval batch)."""
+
+    kind: str
+    micro_batch: int
+    checkpointing: bool
+    weights: float  # bytes, like every field below
+    gradients: float
+    optimizer: float
+    activations: float  # saved for backward, plus one layer's backward working set
+    evaluation: float  # snapshot + one layer's forward at the eval batch
+    overhead: float  # CPU: the Python stack and the data in memory; GPU: 0
+    trainable: int
+
+    @property
+    def total(self) -> float:
+        moments = (self.activations, self.gradients, self.evaluation)
+        return self.overhead + self.weights + self.optimizer + max(moments)
+
+
+def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
+                           device: str = "cpu") -> float:
+    """Bytes one layer keeps for backward per token, from a census of the tensors autograd
+    saves (tests/test_memory.py counts them with saved-tensor hooks).
+
+    Encoder (post-norm BERT, GELU): 18h: the linear inputs, Q/K/V in two layouts, the
+    context, residual sums, norm outputs and dropout masks (kept as floats), the MLP's pre-
+    and post-GELU. Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x intermediate. With attention
+    dropout on CPU, SDPA takes its math path and keeps 3 heads x seq x seq matrices (scores,
+    mask, dropped probabilities); CUDA kernels apply dropout without materializing them.
+    """
+    h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate
+    if shape.gated_mlp:
+        floats = 7 * h + 2 * kv + 4 * inter
+    else:
+        floats = 10 * h + 2 * inter
+    if shape.attention_dropout > 0 and device == "cpu":
+        floats += 3 * shape.heads * seq_len
+    return floats * element
+
+
+def trainable_params(shape: ModelShape, recipe: Recipe, kind: str) -> int:
+    s = recipe.strategy
+    if kind in ("full", "gradual"):  # gradual ends with everything open
+        return shape.total
+    if kind == "head":
+        return shape.head
+    if kind == "freeze":
+        return shape.total - shape.below_layers - s.freeze_layers * shape.layer_params
+    return lora_params(shape, s.lora_r, kind == "dora") + shape.head
+
+
+def trained_layers(shape: ModelShape, recipe: Recipe, kind: str) -> int:
+    """Layers that keep activations: every layer above the lowest one that trains."""
+    if kind == "head":
+        return 0
+    if kind == "freeze":
+        return shape.layers - recipe.strategy.freeze_layers
+    return shape.layers
+
+
+def weight_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int = FP32) -> float:
+    """`element` 2: bf16 training, where a frozen LoRA/DoRA/head base is stored in bf16."""
+    quant = "nf4" if kind == "qlora" and recipe.model.quantization == "none" \
+        else recipe.model.quantization
+    if kind not in ("qlora", "lora", "dora") or quant == "none":
+        frozen_bf16 = element == 2 and kind in ("lora", "dora", "head")
+        base = shape.total * (2 if frozen_bf16 else FP32)
+        if kind == "head" and frozen_bf16:
+            base += shape.head * 2  # the head itself stays fp32
+        if element == 2 and kind in ("full", "freeze", "gradual"):
+            # autocast caches a bf16 copy of each trainable fp32 weight for fwd + bwd
+            base += trainable_params(shape, recipe, kind) * 2
+    else:
+        per_weight = DOUBLE_QUANT_BYTES if quant in ("nf4", "fp4") and \
+            recipe.model.double_quant else QUANT_BYTES[quant]
+        quantized = shape.layers * shape.layer_linear
+        base = quantized * per_weight + (shape.total - quantized) * FP32
+    if kind in ("lora", "dora", "qlora"):
+        base += (lora_params(shape, recipe.strategy.lora_r, kind == "dora") + shape.head) * FP32
+    return base
+
+
+def activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
+                     checkpointing: bool, device: str = "cpu") -> float:
+    """Saved activations plus the working set of backward: while a layer runs backward the
+    gradients of its saved tensors live too (a frozen body still runs one layer's forward)."""
+    tokens, element = micro_batch * recipe.model.max_length, element_bytes(recipe, device)
+    one_layer = layer_activation_bytes(shape, recipe.model.max_length, element, device)
+    return (saved_activation_bytes(shape, recipe, kind, micro_batch, checkpointing, device) +
+            one_layer * tokens)
+
+
+def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
+                           checkpointing: bool, device: str = "cpu") -> float:
+    """What autograd keeps for backward. Under bf16/fp16 autocast a saved value takes 2 bytes
+    (norms and the loss stay fp32 there; counted at 2 all the same, so mixed-precision rows
+    lean low by a few %)."""
+    seq, element = recipe.model.max_length, element_bytes(recipe, device)
+    tokens = micro_batch * seq
+    layers = trained_layers(shape, recipe, kind)
+    per_layer = layer_activation_bytes(shape, seq, element, device) * tokens
+    if kind == "dora":
+        # DoRA rescales every adapted output: about two more output-sized tensors per
+        # adapted linear (census on MiniLM), plus the W + BA it takes column norms of
+        outputs = sum(fan_out for _, fan_out in shape.lora_linear) / max(shape.layers, 1)
+        per_layer += 2 * outputs * tokens * element
+        per_layer += sum(i * o for i, o in shape.lora_linear) * FP32 / max(shape.layers, 1)
+    if checkpointing and layers:
+        kept = layers * shape.hidden * tokens * element + per_layer  # inputs + one recomputed
+    else:
+        kept = layers * per_layer
+    if recipe.model.task == "causal_lm":  # fp32 logits, their log-softmax and its gradient
+        kept += 3 * tokens * shape.vocab * FP32
+    return kept
+
+
+def evaluation_bytes(shape: ModelShape, recipe: Recipe, trainable: int,
+                     device: str = "cpu") -> float:
+    """An evaluation: one layer's forward temporaries at the eval batch, the logits, and (on
+    CPU, where it lives) the best-weights snapshot, a copy of what trains."""
+    tokens = recipe.eval.batch_size * recipe.model.max_length
+    layer = layer_activation_bytes(shape, recipe.model.max_length,
+                                   element_bytes(recipe, device), device) * tokens
+    logits = tokens * shape.vocab * FP32 * 2 if recipe.model.task == "causal_lm" else 0
+    return layer + logits + (trainable * FP32 if device == "cpu" else 0)
+
+
+def estimate(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
+             checkpointing: bool, overhead: float, device: str = "cpu") -> Estimate:
+    trainable = trainable_params(shape, recipe, kind)
+    return Estimate(kind=kind, micro_batch=micro_batch, checkpointing=checkpointing,
+                    weights=weight_bytes(shape, recipe, kind, element_bytes(recipe, device)),
+                    gradients=trainable * FP32,
+                    optimizer=trainable * OPTIMIZER_BYTES[recipe.train.optimizer],
+                    activations=activation_bytes(shape, recipe, kind, micro_batch,
+                                                 checkpointing, device),
+                    evaluation=evaluation_bytes(shape, recipe, trainable, device),
+                    overhead=overhead, trainable=trainable)
+
+
+# RSS per byte of data file, measured on SST-2 (4.0 MB of TSV): the Python strings while
+# reading, the Arrow tables, and three int64 token columns after tokenization
+DATA_RSS_PER_FILE_BYTE = 13
+
+
+def data_bytes(recipe: Recipe) -> float:
+    """What the recipe's data files take in memory once read and tokenized (0 for a hub
+    dataset, which is not on disk to measure)."""
+    from pathlib import Path
+
+    from peftlab.config import resolve_data_path
+    total = 0
+    for value in (recipe.data.train, recipe.data.validation, recipe.data.test):
+        path = Path(resolve_data_path(value, recipe)) if value else None
+        if path is not None and path.exists():
+            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+            total += sum(f.stat().st_size for f in files)
+    return total * DATA_RSS_PER_FILE_BYTE
+
+
+def runtime_overhead_bytes() -> float:
+    """RSS of this process once the training stack is imported: the fixed cost of any run on
+    CPU (Python, torch, transformers, peft, accelerate, datasets, evaluate), measured here,
+    not assumed, by importing what `peftlab train` imports."""
+    import peftlab.train  # noqa: F401  imported for its memory, as a run does
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) * 1024
+    return 0.0
+
+
+def overhead_bytes(recipe: Recipe, device: str) -> float:
+    """CPU: the Python stack and the data in memory (both count in RSS); GPU: nothing, since
+    peak allocated memory counts only tensors."""
+    return runtime_overhead_bytes() + data_bytes(recipe) if device == "cpu" else 0.0
+
+
+def element_bytes(recipe: Recipe, device: str) -> int:
+    """Bytes per activation value: 2 where the run would use bf16/fp16 autocast."""
+    from peftlab.hardware import cpu_has_native_bf16
+    precision = recipe.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" or cpu_has_native_bf16() else "no"
+    return FP32 if precision == "no" else 2
+
+
+def plan(recipe: Recipe, device: str, kinds=PLAN_KINDS, shape: ModelShape | None = None,
+         overhead: float | None = None) -> list[Estimate]:
+    """One estimate per strategy at the recipe's micro-batch and checkpointing setting."""
+    shape = shape or shape_of(recipe)
+    if overhead is None:
+        overhead = overhead_bytes(recipe, device)
+    return [estimate(shape, recipe, kind, recipe.train.batch_size,
+                     recipe.train.gradient_checkpointing, overhead, device) for kind in kinds]
+
+
+def recommend(recipe: Recipe, shape: ModelShape, budget: float, overhead: float,
+              order=("full", "lora", "qlora", "head"), device: str = "cpu") -> Estimate | None:
+    """The recipe's own strategy if it fits at some micro-batch, else the first of `order`
+    that does: the largest micro-batch without checkpointing, then with it."""
+    kinds = [recipe.strategy.kind] + [k for k in order if k != recipe.strategy.kind]
+    for kind in kinds:
+        if kind not in PLAN_KINDS:
+            continue
+        for checkpointing in (False, True):
+            micro = recipe.train.batch_size
+            while micro >= 1:
+                guess = estimate(shape, recipe, kind, micro, checkpointing, overhead, device)
+                if guess.total <= budget:
+                    return guess
+                micro //= 2
+    return None
+
+
+def free_memory_bytes(device: str) -> float:
+    """What a run could still take: free CUDA memory, or the OS's MemAvailable plus what this
+    process already holds (the planner's CPU overhead term counts that part)."""
+    import torch
+    if device == "cuda":
+        return float(torch.cuda.mem_get_info()[0])
+    with open("/proc/meminfo", encoding="utf-8") as info:
+        available = next(int(line.split()[1]) * 1024 for line in info
+                         if line.startswith("MemAvailable:"))
+    return available + runtime_overhead_bytes()
+
+
+def fit_micro_batch(recipe: Recipe, device: str, budget: float | None = None) -> int:
+    """The largest micro-batch, halving from the recipe's, whose estimate fits the budget."""
+    shape = shape_of(recipe, num_labels=max(len(recipe.data.label_names or []), 2))
+    overhead = overhead_bytes(recipe, device)
+    budget = free_memory_bytes(device) if budget is None else budget
+    kind, micro = recipe.strategy.kind, recipe.train.batch_size
+    while micro > 1 and estimate(shape, recipe, kind, micro, recipe.train.gradient_checkpointing,
+                                 overhead, device).total > budget:
+        micro //= 2
+    return micro
+
+
+def parse_size(text: str) -> float:
+    """'8GiB', '16GB', '512MiB', '1.5g' -> bytes (GB read as GiB, as GPU makers mean it)."""
+    import re
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        from peftlab.errors import PeftlabError
+        raise PeftlabError(f"--budget: '{text}' is not a size such as 8GiB or 512MiB")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def format_plan(estimates: list[Estimate], budget: float | None) -> str:
+    header = ("| strategy | trainable | weights | gradients | optimizer | activations | "
+              "evaluation | overhead | total |" + (" fits |" if budget else ""))
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for e in estimates:
+        cells = [e.kind, f"{e.trainable:,}"] + [f"{v / MB:,.0f} MB" for v in (
+            e.weights, e.gradients, e.optimizer, e.activations, e.evaluation, e.overhead,
+            e.total)]
+        if budget:
+            cells.append("yes" if e.total <= budget else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

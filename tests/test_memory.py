@@ -1,0 +1,168 @@
+"""The memory planner against what really happens on tiny models.
+
+Trainable counts must equal what the strategies really train. Activations are checked
+against the bytes autograd actually saves for backward during a real forward pass (counted
+with saved-tensor hooks), which is the term the planner predicts, free of allocator noise.
+"""
+
+import pytest
+import torch
+from conftest import write_recipe
+
+from peftlab.cli import main
+from peftlab.config import recipe_from_dict
+from peftlab.memory import (
+    FP32,
+    estimate,
+    parse_size,
+    plan,
+    recommend,
+    saved_activation_bytes,
+    trainable_params,
+    weight_bytes,
+)
+from peftlab.model_shape import shape_of
+from peftlab.models import build_classifier
+from peftlab.strategies import apply_strategy
+
+
+def make_recipe(model_path, kind="lora", task="classification", **train):
+    return recipe_from_dict({
+        "model": {"name": str(model_path), "task": task, "max_length": 16, "pooling": "cls"},
+        "data": {"train": "x.csv"},
+        "strategy": {"kind": kind, "lora_r": 4, "freeze_layers": 1},
+        "train": {"batch_size": 4, **train}})
+
+
+def measure_saved_bytes(model, batch) -> int:
+    """Unique storages autograd keeps for backward in one forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params and tensor.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).logits.sum()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind", ["full", "head", "freeze", "lora", "dora"])
+def test_trainable_params_are_exact(tiny_bert, kind):
+    recipe = make_recipe(tiny_bert, kind)
+    report = apply_strategy(build_classifier(str(tiny_bert), "cls", ["a", "b"], recipe), recipe)
+    assert trainable_params(shape_of(recipe), recipe, kind) == report.trainable
+
+
+def test_weights_are_exact_for_an_unquantized_model(tiny_bert):
+    recipe = make_recipe(tiny_bert, "full")
+    model = build_classifier(str(tiny_bert), "cls", ["a", "b"], recipe)
+    real = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weight_bytes(shape_of(recipe), recipe, "full") == real
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tmp_path_factory):
+    """Hidden 128 with dropout on: big enough that the layer tensors dominate, as in real
+    models, and with the dropout masks a real BERT keeps."""
+    from transformers import BertConfig, BertModel
+    folder = tmp_path_factory.mktemp("wide_bert")
+    config = BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, intermediate_size=512,
+                        max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "freeze", "head"])
+def test_encoder_activations_match_saved_tensors(wide_bert, kind):
+    recipe = make_recipe(wide_bert, kind)
+    torch.manual_seed(0)
+    model = apply_strategy(build_classifier(str(wide_bert), "cls", ["a", "b"], recipe),
+                           recipe).model
+    batch = {"input_ids": torch.randint(1, 100, (4, 16)),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+    measured = measure_saved_bytes(model, batch)
+    predicted = saved_activation_bytes(shape_of(recipe), recipe, kind, 4, False)
+    if kind == "head":
+        assert predicted == 0 and measured < 4 * 16 * 128 * FP32 * 2  # only the head's input
+    else:
+        assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+def test_decoder_activations_match_saved_tensors(tiny_llama):
+    from transformers import AutoModelForCausalLM
+    recipe = make_recipe(tiny_llama, "full", task="causal_lm")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    vocab = model.config.vocab_size
+    batch = {"input_ids": torch.randint(1, vocab, (4, 16)),
+             "labels": torch.randint(1, vocab, (4, 16))}
+    measured = measure_saved_bytes(model, batch)
+    predicted = saved_activation_bytes(shape_of(recipe), recipe, "full", 4, False)
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
+
+
+def test_checkpointing_and_smaller_batches_cost_less(tiny_llama):
+    recipe = make_recipe(tiny_llama, "lora", task="causal_lm")
+    shape = shape_of(recipe)
+    plain = estimate(shape, recipe, "lora", 4, False, 0.0)
+    assert estimate(shape, recipe, "lora", 4, True, 0.0).activations < plain.activations
+    assert estimate(shape, recipe, "lora", 2, False, 0.0).activations < plain.activations
+    full = estimate(shape, recipe, "full", 4, False, 0.0)
+    assert full.optimizer == full.trainable * 8 and plain.optimizer < full.optimizer
+
+
+def test_qlora_weights_are_smaller_than_lora(tiny_llama):
+    recipe = make_recipe(tiny_llama, "qlora", task="causal_lm")
+    shape = shape_of(recipe)
+    assert weight_bytes(shape, recipe, "qlora") < weight_bytes(shape, recipe, "lora")
+
+
+def test_recommendation_shrinks_the_micro_batch_to_fit(tiny_llama):
+    recipe = make_recipe(tiny_llama, "full", task="causal_lm", batch_size=16)
+    recipe.model.max_length, recipe.eval.batch_size = 64, 1  # training activations dominate
+    shape = shape_of(recipe)
+    at_4 = estimate(shape, recipe, "full", 4, False, 0.0).total
+    assert at_4 < estimate(shape, recipe, "full", 8, False, 0.0).total
+    fit = recommend(recipe, shape, at_4, 0.0)
+    assert (fit.kind, fit.micro_batch, fit.checkpointing) == ("full", 4, False)
+    assert recommend(recipe, shape, 1.0, 0.0) is None
+
+
+def test_budget_sizes():
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size("512MB") == 512 * 2**20
+    from peftlab.errors import PeftlabError
+    with pytest.raises(PeftlabError, match="--budget"):
+        parse_size("lots")
+
+
+def test_plan_command_prints_every_strategy(tiny_bert, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, tmp_path / "x.csv")
+    assert main(["plan", str(recipe), "--budget", "4GiB", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("full", "lora", "qlora", "head"):
+        assert f"| {kind} |" in out
+    assert "recommended within 4GiB: strategy.kind=lora" in out
+    assert main(["plan", str(recipe), "--strategies", "full,magic"]) == 2
+
+
+def test_plan_rows_for_cpu_include_the_runtime(tiny_bert):
+    recipe = make_recipe(tiny_bert, "lora")
+    rows = plan(recipe, "cpu", ("lora",))
+    assert rows[0].overhead > 100 * 2**20  # python + torch alone are >100 MB
+    assert plan(recipe, "cuda", ("lora",))[0].overhead == 0
+
+
+def test_auto_batch_size_halves_until_the_estimate_fits(tiny_llama):
+    from peftlab.memory import fit_micro_batch
+    recipe = make_recipe(tiny_llama, "full", task="causal_lm", batch_size=16)
+    recipe.model.max_length, recipe.eval.batch_size = 64, 1  # training activations dominate
+    shape = shape_of(recipe)
+    at_4 = estimate(shape, recipe, "full", 4, False, 0.0).total
+    assert fit_micro_batch(recipe, "cuda", budget=at_4) == 4
+    assert fit_micro_batch(recipe, "cuda", budget=at_4 * 100) == 16
+    assert fit_micro_batch(recipe, "cuda", budget=1.0) == 1
