@@ -25,7 +25,12 @@ from peftlab.causal_lm import prepare_causal_lm
 from peftlab.classification import prepare_classification
 from peftlab.config import Recipe, recipe_to_dict, save_recipe
 from peftlab.errors import PeftlabError
-from peftlab.hardware import peak_memory_mb, resolve_precision
+from peftlab.hardware import (
+    peak_memory_mb,
+    peak_reserved_mb,
+    resolve_precision,
+    return_freed_memory_to_os,
+)
 from peftlab.metrics import format_metrics
 from peftlab.strategies import PEFT_KINDS, StrategyReport, open_groups
 from peftlab.task import Task, micro_batch_groups
@@ -129,6 +134,23 @@ def _tracker_config(recipe: Recipe) -> dict:
     return flat
 
 
+def _fit_batch_to_memory(recipe: Recipe, device: str, say) -> None:
+    """train.auto_batch_size: a smaller micro-batch and more accumulation, same effective
+    batch, when the planner says the recipe's micro-batch would not fit free memory."""
+    from peftlab.memory import PLAN_KINDS, fit_micro_batch
+    cfg = recipe.train
+    if recipe.strategy.kind not in PLAN_KINDS:
+        say(f"train.auto_batch_size: cannot plan strategy '{recipe.strategy.kind}'; "
+            f"keeping micro-batch {cfg.batch_size}")
+        return
+    micro = fit_micro_batch(recipe, device)
+    if micro < cfg.batch_size:
+        cfg.grad_accum *= cfg.batch_size // micro
+        cfg.batch_size = micro
+    say(f"train.auto_batch_size: micro-batch {cfg.batch_size} x {cfg.grad_accum} accumulation "
+        f"fits free memory")
+
+
 TASKS = {"classification": prepare_classification, "causal_lm": prepare_causal_lm}
 
 
@@ -146,7 +168,11 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
                               log_with="tensorboard" if recipe.output.tensorboard else None,
                               project_dir=str(run_dir))
     say = accelerator.print
+    if accelerator.device.type == "cpu":
+        return_freed_memory_to_os()
     set_seed(cfg.seed)
+    if cfg.auto_batch_size:
+        _fit_batch_to_memory(recipe, accelerator.device.type, say)
     task: Task = TASKS[recipe.model.task](recipe, say)
     report = task.report
     _prepare_output(run_dir, overwrite, recipe, accelerator)
@@ -176,6 +202,8 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
     step, samples, opened, epoch, stop = 0, 0, 1, 0, False
     window_loss = torch.zeros((), device=accelerator.device)
     window_items = torch.zeros((), device=accelerator.device)
+    # real (non-pad) tokens stay on the device until the end: no host sync per step
+    real_tokens, padded_tokens = torch.zeros((), device=accelerator.device), 0
     bar = tqdm(total=total_steps, disable=not accelerator.is_local_main_process,
                desc=f"train {kind}", dynamic_ncols=True, mininterval=1.0)
     start, eval_seconds, step_times = time.perf_counter(), 0.0, []
@@ -223,6 +251,9 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
                     accelerator.backward(loss_sum * accelerator.num_processes / total_items)
                 window_loss += loss_sum.detach()
                 samples += batch["input_ids"].shape[0] * accelerator.num_processes
+                padded_tokens += batch["input_ids"].numel() * accelerator.num_processes
+                real_tokens += batch["attention_mask"].sum() if "attention_mask" in batch \
+                    else batch["input_ids"].numel()
             window_items += counts.sum()
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -260,14 +291,20 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
     for split, values in metrics.items():
         say(format_metrics(split, values))
     sorted_times = sorted(step_times) or [0.0]
+    train_only = max(train_seconds - eval_seconds, 1e-9)
+    real_tokens = accelerator.reduce(real_tokens, "sum").item()
     summary = {
         "strategy": kind, **task.summary, "trainable_params": report.trainable,
         "total_params": report.total, "trainable_percent": round(report.percent, 4),
         "steps": step, "best_step": best_step, "metric_for_best": metric, "best_value": best,
         "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
-        "samples_per_second": round(samples / max(train_seconds - eval_seconds, 1e-9), 2),
+        "samples_per_second": round(samples / train_only, 2),
+        "tokens_per_second": round(real_tokens / train_only, 1),
+        "padded_tokens_per_second": round(padded_tokens / train_only, 1),
+        "padded_tokens": padded_tokens,
         "median_step_seconds": round(sorted_times[len(sorted_times) // 2], 4),
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+        "peak_reserved_mb": peak_reserved_mb(accelerator.device),
         "precision": precision, "processes": accelerator.num_processes,
         "effective_batch": effective, "device": str(accelerator.device),
         "eval_history": history,
