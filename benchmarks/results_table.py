@@ -14,6 +14,7 @@ def main() -> None:
     prefix = sys.argv[1] if len(sys.argv) > 1 else "sst2_"
     records = [json.loads(p.read_text()) for p in
                sorted((Path(__file__).parent / "results").glob(f"{prefix}*.json"))]
+    records = [r for r in records if "summary" in r]  # one-epoch runs, not strategies.py
     records.sort(key=lambda r: ORDER.index(r["summary"]["strategy"])
                  if r["summary"]["strategy"] in ORDER else 99)
     print("| strategy | train rows | dev accuracy | test accuracy | trainable params | "

@@ -166,3 +166,17 @@ def test_auto_batch_size_halves_until_the_estimate_fits(tiny_llama):
     assert fit_micro_batch(recipe, "cuda", budget=at_4) == 4
     assert fit_micro_batch(recipe, "cuda", budget=at_4 * 100) == 16
     assert fit_micro_batch(recipe, "cuda", budget=1.0) == 1
+
+
+def test_auto_batch_size_in_a_run_keeps_the_effective_batch(tmp_path, tiny_bert, sentiment_csv,
+                                                            monkeypatch):
+    """A machine with little free memory (simulated) gets micro-batch 1 x 16 accumulation."""
+    from peftlab import memory
+    from peftlab.config import load_recipe
+    from peftlab.train import run
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 1.0)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                                      train={"epochs": 1, "auto_batch_size": True}))
+    summary = run(recipe, output_dir=str(tmp_path / "run"))["summary"]
+    assert summary["effective_batch"] == 16
+    assert (recipe.train.batch_size, recipe.train.grad_accum) == (1, 16)

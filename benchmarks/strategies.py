@@ -1,0 +1,218 @@
+"""Every strategy on the same model, data and budget, side by side, each in its own process.
+
+For each strategy: trainable params, peak memory (CPU: the process's peak RSS; GPU: max
+allocated and reserved) next to `peftlab plan`'s prediction, median step time, samples/s and
+tokens/s, FLOP utilisation against a matmul rate measured in this run, wall time and the final
+validation metric. HF Trainer + PEFT baselines (benchmarks/hf_trainer_baseline.py) run the
+same LoRA job, and peftlab/baseline ratios are printed. Writes results/<tag>_<kind>.json,
+results/<tag>.md (table) and results/<tag>.png (accuracy vs peak memory).
+
+Usage (the committed CPU results):
+  PEFTLAB_DATA=../shared/data python benchmarks/strategies.py \\
+      --recipe recipes/minilm_sst2_lora.yaml --steps 150 \\
+      --strategies full,head,freeze,gradual,lora,dora,qlora --baselines seeds,tuned,strong
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import plot, table
+from peftlab.config import load_recipe
+from peftlab.memory import MB, estimate, overhead_bytes
+from peftlab.model_shape import shape_of, training_flops_per_token
+
+RESULTS = Path(__file__).parent / "results"
+# learning rates of recipes/minilm_sst2_<kind>.yaml; a --set train.lr=... overrides them all
+LR = {"full": 8e-5, "freeze": 8e-5, "gradual": 8e-5, "head": 2e-3, "lora": 1e-3,
+      "dora": 1e-3, "qlora": 1e-3}
+WEIGHT_GRADS = ("full", "freeze", "gradual")
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 7) -> float:
+    """Median fp32 (or CUDA bf16) matmul rate now, on this machine: MFU's denominator."""
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(size, size, dtype=dtype, device="cuda" if cuda else "cpu")
+    b = torch.randn_like(a)
+    rates = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        tick = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        rates.append(2 * size**3 / (time.perf_counter() - tick) / 1e9)
+    return statistics.median(rates[1:])
+
+
+def machine() -> dict:
+    import accelerate
+    import peft
+    import transformers
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "gpu": gpu,
+            "processor": platform.processor(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def kind_overrides(kind: str, args) -> list[str]:
+    extra = [f"strategy.kind={kind}", f"train.max_steps={args.steps}",
+             "train.eval_every_steps=0", f"train.lr={LR[kind]}"]
+    if kind == "freeze":
+        extra.append(f"strategy.freeze_layers={args.freeze_layers}")
+    if kind == "gradual":  # open one group every steps/8, so the top layers all train
+        extra.append(f"strategy.unfreeze_every_steps={max(args.steps // 8, 1)}")
+    return extra + list(args.set)
+
+
+def predicted_peak(recipe_path: str, overrides: list[str], kind: str, device: str) -> float:
+    recipe = load_recipe(recipe_path, overrides)
+    shape = shape_of(recipe, num_labels=max(len(recipe.data.label_names or []), 2))
+    overhead = overhead_bytes(recipe, device)
+    guess = estimate(shape, recipe, kind, recipe.train.batch_size,
+                     recipe.train.gradient_checkpointing, overhead, device)
+    return guess.total / MB
+
+
+def mfu(recipe_path: str, overrides: list[str], kind: str, summary: dict, rate: float) -> float:
+    recipe = load_recipe(recipe_path, overrides)
+    shape = shape_of(recipe, num_labels=max(len(recipe.data.label_names or []), 2))
+    seq = summary["padded_tokens_per_second"] / summary["samples_per_second"]  # mean length
+    layers = shape.layers - recipe.strategy.freeze_layers if kind == "freeze" else \
+        0 if kind == "head" else shape.layers
+    flops = training_flops_per_token(shape, int(seq), layers, kind in WEIGHT_GRADS,
+                                     recipe.strategy.lora_r if kind in ("lora", "dora",
+                                                                        "qlora") else 0)
+    return flops * summary["padded_tokens_per_second"] / (rate * 1e9)
+
+
+def run_peftlab(kind: str, args, device: str) -> dict:
+    overrides = kind_overrides(kind, args)
+    out = Path("runs/bench") / args.tag / kind
+    predicted = predicted_peak(args.recipe, overrides, kind, device)
+    rate = matmul_gflops()
+    command = [sys.executable, "-m", "peftlab", "train", args.recipe, *overrides,
+               "--output-dir", str(out), "--overwrite"]
+    tick = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - tick
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())["validation"]
+    return {"strategy": kind, "tool": "peftlab",
+            "command": "PEFTLAB_DATA=../shared/data peftlab train " +
+                       " ".join([args.recipe, *overrides]),
+            "trainable_params": summary["trainable_params"],
+            "trainable_percent": summary["trainable_percent"],
+            "peak_memory_mb": summary["peak_memory_mb"],
+            "peak_reserved_mb": summary["peak_reserved_mb"],
+            "predicted_peak_mb": round(predicted, 1),
+            "median_step_seconds": summary["median_step_seconds"],
+            "samples_per_second": summary["samples_per_second"],
+            "tokens_per_second": summary["tokens_per_second"],
+            "matmul_gflops": round(rate, 1),
+            # gradual changes what trains as it goes: no single FLOP count per token
+            "mfu": None if kind == "gradual" else
+            round(mfu(args.recipe, overrides, kind, summary, rate), 4),
+            "wall_seconds": round(wall, 1), "train_seconds": summary["train_seconds"],
+            "validation_accuracy": metrics["accuracy"],
+            "validation_f1_macro": metrics["f1_macro"], "steps": summary["steps"],
+            "device": summary["device"], "precision": summary["precision"],
+            "machine": machine()}
+
+
+def run_baseline(mode: str, args) -> dict:
+    out = RESULTS / f"{args.tag}_hf_trainer_{mode}.json"
+    command = [sys.executable, str(Path(__file__).parent / "hf_trainer_baseline.py"),
+               "--mode", mode, "--recipe", args.recipe, "--out", str(out),
+               "--max-steps", str(args.steps), "--lr", str(LR["lora"]), *args.set]
+    tick = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    record = json.loads(out.read_text())
+    record.update(tool="hf_trainer", wall_seconds=round(time.perf_counter() - tick, 1),
+                  command=" ".join(["python benchmarks/hf_trainer_baseline.py", "--mode", mode,
+                                    "--recipe", args.recipe, "--max-steps", str(args.steps)]),
+                  machine=machine())
+    out.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def print_ratios(records: list[dict]) -> None:
+    ours = next((r for r in records if r["strategy"] == "lora"), None)
+    if ours is None:
+        return
+    for base in (r for r in records if r["tool"] == "hf_trainer"):
+        print(f"peftlab lora / HF Trainer {base['mode']}: samples/s "
+              f"{ours['samples_per_second'] / base['samples_per_second']:.2f}x, peak memory "
+              f"{ours['peak_memory_mb'] / base['peak_memory_mb']:.2f}x, validation accuracy "
+              f"{ours['validation_accuracy']:.4f} vs {base['validation_accuracy']:.4f}")
+
+
+def replan(args) -> None:
+    """Recompute the planner column of saved results (after a planner change), no training."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{args.tag}_*.json"))]
+    for path, record in zip(sorted(RESULTS.glob(f"{args.tag}_*.json")), records):
+        if record["tool"] != "peftlab":
+            continue
+        overrides = record["command"].split(args.recipe, 1)[1].split()
+        if record["strategy"] == "gradual":
+            record["mfu"] = None
+        record["predicted_peak_mb"] = round(predicted_peak(args.recipe, overrides,
+                                                           record["strategy"], device), 1)
+        path.write_text(json.dumps(record, indent=2))
+    write_report(records, args.tag)
+
+
+def write_report(records: list[dict], tag: str) -> None:
+    markdown = table(records)
+    (RESULTS / f"{tag}.md").write_text(markdown + "\n")
+    plot(records, RESULTS / f"{tag}.png")
+    print(markdown)
+    print_ratios(records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--strategies", default="full,head,freeze,gradual,lora,dora,qlora")
+    parser.add_argument("--baselines", default="seeds,tuned,strong",
+                        help="HF Trainer ways to run too (empty: none)")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    parser.add_argument("--freeze-layers", type=int, default=3)
+    parser.add_argument("--tag", default="sst2_minilm_cpu", help="results file prefix")
+    parser.add_argument("--set", action="append", default=[], help="override for every run")
+    parser.add_argument("--replan", action="store_true",
+                        help="only recompute the planner column of saved results")
+    args = parser.parse_args()
+    if args.replan:
+        replan(args)
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    RESULTS.mkdir(exist_ok=True)
+    records = []
+    for kind in args.strategies.split(","):
+        records.append(run_peftlab(kind, args, device))
+        (RESULTS / f"{args.tag}_{kind}.json").write_text(json.dumps(records[-1], indent=2))
+        print(json.dumps({k: v for k, v in records[-1].items() if k != "machine"}), flush=True)
+    for mode in filter(None, args.baselines.split(",")):
+        records.append(run_baseline(mode, args))
+        print(json.dumps({k: v for k, v in records[-1].items() if k != "machine"}), flush=True)
+    write_report(records, args.tag)
+
+
+if __name__ == "__main__":
+    main()
