@@ -199,6 +199,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
                       if p.requires_grad or kind not in PEFT_KINDS}
     metric = task.default_metric if cfg.metric_for_best == "auto" else cfg.metric_for_best
     best, best_step, best_state, history, stale = None, 0, None, [], 0
+    loss_history: list[dict] = []  # training loss per log period, for curves and tests
     step, samples, opened, epoch, stop = 0, 0, 1, 0, False
     window_loss = torch.zeros((), device=accelerator.device)
     window_items = torch.zeros((), device=accelerator.device)
@@ -265,7 +266,10 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
             bar.update(1)
             opened = _unfreeze(report, recipe, step, epoch, opened)
             if step % cfg.log_every_steps == 0 or step == total_steps:
-                mean_loss = (window_loss / window_items.clamp(min=1)).item()
+                # one sync per log period: the loss over every process's items
+                window = accelerator.reduce(torch.stack([window_loss, window_items]), "sum")
+                mean_loss = (window[0] / window[1].clamp(min=1)).item()
+                loss_history.append({"step": step, "loss": round(mean_loss, 6)})
                 rate = samples / (time.perf_counter() - start - eval_seconds)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
                 accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
@@ -307,7 +311,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
         "peak_reserved_mb": peak_reserved_mb(accelerator.device),
         "precision": precision, "processes": accelerator.num_processes,
         "effective_batch": effective, "device": str(accelerator.device),
-        "eval_history": history,
+        "eval_history": history, "loss_history": loss_history,
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
