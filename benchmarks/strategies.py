@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import plot, table
 from peftlab.config import load_recipe
-from peftlab.memory import MB, estimate, overhead_bytes
+from peftlab.memory import MB, estimate, overhead_bytes, trained_layers
 from peftlab.model_shape import shape_of, training_flops_per_token
 
 RESULTS = Path(__file__).parent / "results"
@@ -79,21 +79,16 @@ def kind_overrides(kind: str, args) -> list[str]:
     return extra + list(args.set)
 
 
-def predicted_peak(recipe_path: str, overrides: list[str], kind: str, device: str) -> float:
-    recipe = load_recipe(recipe_path, overrides)
-    shape = shape_of(recipe, num_labels=max(len(recipe.data.label_names or []), 2))
+def predicted_peak(recipe, shape, kind: str, device: str) -> float:
     overhead = overhead_bytes(recipe, device)
     guess = estimate(shape, recipe, kind, recipe.train.batch_size,
                      recipe.train.gradient_checkpointing, overhead, device)
     return guess.total / MB
 
 
-def mfu(recipe_path: str, overrides: list[str], kind: str, summary: dict, rate: float) -> float:
-    recipe = load_recipe(recipe_path, overrides)
-    shape = shape_of(recipe, num_labels=max(len(recipe.data.label_names or []), 2))
+def mfu(recipe, shape, kind: str, summary: dict, rate: float) -> float:
     seq = summary["padded_tokens_per_second"] / summary["samples_per_second"]  # mean length
-    layers = shape.layers - recipe.strategy.freeze_layers if kind == "freeze" else \
-        0 if kind == "head" else shape.layers
+    layers = trained_layers(shape, recipe, kind)
     flops = training_flops_per_token(shape, int(seq), layers, kind in WEIGHT_GRADS,
                                      recipe.strategy.lora_r if kind in ("lora", "dora",
                                                                         "qlora") else 0)
@@ -103,7 +98,9 @@ def mfu(recipe_path: str, overrides: list[str], kind: str, summary: dict, rate: 
 def run_peftlab(kind: str, args, device: str) -> dict:
     overrides = kind_overrides(kind, args)
     out = Path("runs/bench") / args.tag / kind
-    predicted = predicted_peak(args.recipe, overrides, kind, device)
+    recipe = load_recipe(args.recipe, overrides)
+    shape = shape_of(recipe)
+    predicted = predicted_peak(recipe, shape, kind, device)
     rate = matmul_gflops()
     command = [sys.executable, "-m", "peftlab", "train", args.recipe, *overrides,
                "--output-dir", str(out), "--overwrite"]
@@ -126,7 +123,7 @@ def run_peftlab(kind: str, args, device: str) -> dict:
             "matmul_gflops": round(rate, 1),
             # gradual changes what trains as it goes: no single FLOP count per token
             "mfu": None if kind == "gradual" else
-            round(mfu(args.recipe, overrides, kind, summary, rate), 4),
+            round(mfu(recipe, shape, kind, summary, rate), 4),
             "wall_seconds": round(wall, 1), "train_seconds": summary["train_seconds"],
             "validation_accuracy": metrics["accuracy"],
             "validation_f1_macro": metrics["f1_macro"], "steps": summary["steps"],
@@ -164,14 +161,19 @@ def print_ratios(records: list[dict]) -> None:
 def replan(args) -> None:
     """Recompute the planner column of saved results (after a planner change), no training."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{args.tag}_*.json"))]
-    for path, record in zip(sorted(RESULTS.glob(f"{args.tag}_*.json")), records):
+    paths = sorted(RESULTS.glob(f"{args.tag}_*.json"))
+    records = [json.loads(p.read_text()) for p in paths]
+    # <tag>_<run>.json only: another tag may start with this one (sst2_minilm_cpu_gradual_...)
+    pairs = [(p, r) for p, r in zip(paths, records) if p.stem == f"{args.tag}_{r['strategy']}"]
+    records = [r for _, r in pairs]
+    for path, record in pairs:
         if record["tool"] != "peftlab":
             continue
         overrides = record["command"].split(args.recipe, 1)[1].split()
         if record["strategy"] == "gradual":
             record["mfu"] = None
-        record["predicted_peak_mb"] = round(predicted_peak(args.recipe, overrides,
+        recipe = load_recipe(args.recipe, overrides)
+        record["predicted_peak_mb"] = round(predicted_peak(recipe, shape_of(recipe),
                                                            record["strategy"], device), 1)
         path.write_text(json.dumps(record, indent=2))
     write_report(records, args.tag)

@@ -62,7 +62,7 @@ def cmd_plan(args) -> int:
         raise PeftlabError(f"--strategies: cannot plan {', '.join(unknown)}; choose from "
                            f"{', '.join(PLAN_KINDS)}")
     budget = parse_size(args.budget) if args.budget else None
-    shape = shape_of(recipe, num_labels=max(len(recipe.data.label_names or []), 2))
+    shape = shape_of(recipe)
     overhead = overhead_bytes(recipe, device)
     estimates = plan(recipe, device, kinds, shape=shape, overhead=overhead)
     print(f"peak memory on {device}: micro-batch {recipe.train.batch_size} x "

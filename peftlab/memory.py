@@ -263,7 +263,7 @@ def free_memory_bytes(device: str) -> float:
 
 def fit_micro_batch(recipe: Recipe, device: str, budget: float | None = None) -> int:
     """The largest micro-batch, halving from the recipe's, whose estimate fits the budget."""
-    shape = shape_of(recipe, num_labels=max(len(recipe.data.label_names or []), 2))
+    shape = shape_of(recipe)
     overhead = overhead_bytes(recipe, device)
     budget = free_memory_bytes(device) if budget is None else budget
     kind, micro = recipe.strategy.kind, recipe.train.batch_size

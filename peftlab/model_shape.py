@@ -61,12 +61,13 @@ def meta_model(config, causal: bool, num_labels: int = 2) -> nn.Module:
         return AutoModelForSequenceClassification.from_config(config)
 
 
-def shape_of(recipe: Recipe, config=None, num_labels: int = 2) -> ModelShape:
-    """Count parameters on a meta-device model built from the recipe's model config."""
+def shape_of(recipe: Recipe, config=None) -> ModelShape:
+    """Count parameters on a meta-device model built from the recipe's model config (a
+    classifier head sized by data.label_names, or 2 labels when they come from the data)."""
     from peftlab.strategies import default_target_modules, embedding_params, head_names, layer_stack
     config = config or load_config(recipe)
     causal = recipe.model.task == "causal_lm"
-    model = meta_model(config, causal, num_labels)
+    model = meta_model(config, causal, max(len(recipe.data.label_names or []), 2))
     hidden = _first(config, "hidden_size", "n_embd", "d_model")
     heads = _first(config, "num_attention_heads", "n_head")
     head_dim = _first(config, "head_dim", default=hidden // heads)
