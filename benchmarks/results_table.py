@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ["full", "freeze", "gradual", "lora", "dora", "head"]
+from report import ORDER  # the strategies benchmark's order: one list for both tables
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import plot, table
 from peftlab.config import load_recipe
-from peftlab.memory import MB, estimate, overhead_bytes, trained_layers
+from peftlab.memory import ADAPTER_KINDS, MB, estimate, overhead_bytes, trained_layers
 from peftlab.model_shape import shape_of, training_flops_per_token
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,8 +90,7 @@ def mfu(recipe, shape, kind: str, summary: dict, rate: float) -> float:
     seq = summary["padded_tokens_per_second"] / summary["samples_per_second"]  # mean length
     layers = trained_layers(shape, recipe, kind)
     flops = training_flops_per_token(shape, int(seq), layers, kind in WEIGHT_GRADS,
-                                     recipe.strategy.lora_r if kind in ("lora", "dora",
-                                                                        "qlora") else 0)
+                                     recipe.strategy.lora_r if kind in ADAPTER_KINDS else 0)
     return flops * summary["padded_tokens_per_second"] / (rate * 1e9)
 
 
@@ -161,22 +160,18 @@ def print_ratios(records: list[dict]) -> None:
 def replan(args) -> None:
     """Recompute the planner column of saved results (after a planner change), no training."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    paths = sorted(RESULTS.glob(f"{args.tag}_*.json"))
-    records = [json.loads(p.read_text()) for p in paths]
+    pairs = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob(f"{args.tag}_*.json"))]
     # <tag>_<run>.json only: another tag may start with this one (sst2_minilm_cpu_gradual_...)
-    pairs = [(p, r) for p, r in zip(paths, records) if p.stem == f"{args.tag}_{r['strategy']}"]
-    records = [r for _, r in pairs]
+    pairs = [(p, r) for p, r in pairs if p.stem == f"{args.tag}_{r['strategy']}"]
     for path, record in pairs:
         if record["tool"] != "peftlab":
             continue
         overrides = record["command"].split(args.recipe, 1)[1].split()
-        if record["strategy"] == "gradual":
-            record["mfu"] = None
         recipe = load_recipe(args.recipe, overrides)
         record["predicted_peak_mb"] = round(predicted_peak(recipe, shape_of(recipe),
                                                            record["strategy"], device), 1)
         path.write_text(json.dumps(record, indent=2))
-    write_report(records, args.tag)
+    write_report([r for _, r in pairs], args.tag)
 
 
 def write_report(records: list[dict], tag: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from peftlab.config import Recipe
 from peftlab.model_shape import ModelShape, lora_params, shape_of
+from peftlab.quantization import FROZEN_BASE_KINDS, quantization_kind
 
 MB = 2**20
 GiB = 2**30
@@ -26,6 +27,7 @@ QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64, "int8": 1.0}
 DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2}
 PLAN_KINDS = ("full", "freeze", "gradual", "lora", "dora", "qlora", "head")
+ADAPTER_KINDS = ("lora", "dora", "qlora")  # LoRA-shaped adapters the planner can count
 
 
 @dataclass
@@ -96,10 +98,9 @@ def trained_layers(shape: ModelShape, recipe: Recipe, kind: str) -> int:
 
 def weight_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int = FP32) -> float:
     """`element` 2: bf16 training, where a frozen LoRA/DoRA/head base is stored in bf16."""
-    quant = "nf4" if kind == "qlora" and recipe.model.quantization == "none" \
-        else recipe.model.quantization
-    if kind not in ("qlora", "lora", "dora") or quant == "none":
-        frozen_bf16 = element == 2 and kind in ("lora", "dora", "head")
+    quant = quantization_kind(recipe, kind)
+    if kind not in ADAPTER_KINDS or quant == "none":
+        frozen_bf16 = element == 2 and kind in FROZEN_BASE_KINDS
         base = shape.total * (2 if frozen_bf16 else FP32)
         if kind == "head" and frozen_bf16:
             base += shape.head * 2  # the head itself stays fp32
@@ -111,7 +112,7 @@ def weight_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int = FP
             recipe.model.double_quant else QUANT_BYTES[quant]
         quantized = shape.layers * shape.layer_linear
         base = quantized * per_weight + (shape.total - quantized) * FP32
-    if kind in ("lora", "dora", "qlora"):
+    if kind in ADAPTER_KINDS:
         base += (lora_params(shape, recipe.strategy.lora_r, kind == "dora") + shape.head) * FP32
     return base
 

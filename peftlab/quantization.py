@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from peftlab.config import Recipe
-from peftlab.hardware import cpu_has_native_bf16
+from peftlab.hardware import cpu_has_native_bf16, resolve_precision
 
 
-def quantization_kind(recipe: Recipe) -> str:
-    """The recipe's quantization; qlora without one means nf4."""
-    if recipe.strategy.kind == "qlora" and recipe.model.quantization == "none":
+def quantization_kind(recipe: Recipe, kind: str | None = None) -> str:
+    """The recipe's quantization; qlora without one means nf4. `kind` asks for another
+    strategy on the same recipe (the memory planner compares them all)."""
+    if (kind or recipe.strategy.kind) == "qlora" and recipe.model.quantization == "none":
         return "nf4"
     return recipe.model.quantization
 
@@ -56,7 +57,6 @@ FROZEN_BASE_KINDS = ("lora", "dora", "peft", "head")
 
 
 def frozen_base_in_bf16(recipe: Recipe) -> bool:
-    from peftlab.hardware import resolve_precision
     return (recipe.strategy.kind in FROZEN_BASE_KINDS and quantization_kind(recipe) == "none"
             and resolve_precision(recipe.train.mixed_precision, recipe.train.cpu) == "bf16")
 

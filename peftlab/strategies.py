@@ -153,10 +153,6 @@ def _wrap_peft(model: nn.Module, peft_config) -> nn.Module:
     return get_peft_model(model, peft_config)
 
 
-def _has_bitsandbytes_layers(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
-
-
 def _lora_config(model: nn.Module, recipe: Recipe, use_dora: bool):
     from peft import LoraConfig
     s = recipe.strategy
@@ -164,7 +160,8 @@ def _lora_config(model: nn.Module, recipe: Recipe, use_dora: bool):
     config = LoraConfig(task_type=_peft_task(model), r=s.lora_r, lora_alpha=s.lora_alpha,
                         lora_dropout=s.lora_dropout, target_modules=targets, use_dora=use_dora,
                         modules_to_save=_new_heads(model))
-    if not use_dora and not _has_bitsandbytes_layers(model):
+    from peftlab.quantization import quantization_kind
+    if not use_dora and quantization_kind(recipe) == "none":
         from peftlab.fused_lora import use_fused_lora
         use_fused_lora(config)  # bitsandbytes layers subclass nn.Linear: keep peft's for them
     return config

@@ -305,7 +305,6 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
         "samples_per_second": round(samples / train_only, 2),
         "tokens_per_second": round(real_tokens / train_only, 1),
         "padded_tokens_per_second": round(padded_tokens / train_only, 1),
-        "padded_tokens": padded_tokens,
         "median_step_seconds": round(sorted_times[len(sorted_times) // 2], 4),
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
         "peak_reserved_mb": peak_reserved_mb(accelerator.device),
