@@ -46,7 +46,10 @@ def read_run(run_dir: str | Path) -> tuple[Recipe, dict]:
     info_path = run_dir / INFO_FILE
     if not info_path.is_file():
         raise PeftlabError(f"{run_dir}: not a finished peftlab run (no {INFO_FILE})")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PeftlabError(f"{info_path}: unreadable ({err})") from None
     recipe = load_recipe(run_dir / "recipe.yaml")
     return recipe, info
 
@@ -59,10 +62,23 @@ def _base_path(recipe: Recipe, info: dict) -> str:
         return info["base_model"]
 
 
+def attach_adapter(base, folder: Path):
+    """PeftModel.from_pretrained, with a one-line error when the adapter was trained on a
+    base of other shapes (the recipe's model was swapped or moved) instead of a traceback."""
+    from peft import PeftModel
+    try:
+        return PeftModel.from_pretrained(base, folder)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        detail = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+        raise PeftlabError(f"{folder}: this adapter was trained on another base model than "
+                           f"{getattr(base, 'name_or_path', '') or 'the recipe model'} ({detail})") from None
+
+
 def load_trained(run_dir: str | Path, dequantize: bool = False):
     """(model in eval mode, tokenizer, recipe, info) of a finished run. dequantize=True turns
     a quantized base into full-precision linears before the adapter goes on (for merging)."""
-    from peft import PeftModel
     run_dir = Path(run_dir)
     recipe, info = read_run(run_dir)
     if dequantize:  # merge into fp32 weights, also when training kept the frozen base in bf16
@@ -78,9 +94,9 @@ def load_trained(run_dir: str | Path, dequantize: bool = False):
         if dequantize:
             dequantize_linears(model)
         if pooling == "mean":
-            model.backbone = PeftModel.from_pretrained(model.backbone, folder)
+            model.backbone = attach_adapter(model.backbone, folder)
         else:
-            model = PeftModel.from_pretrained(model, folder)
+            model = attach_adapter(model, folder)
     else:
         model = build_classifier(str(folder), pooling, names, recipe, tokenizer.pad_token_id)
     if pooling == "mean":
@@ -105,15 +121,13 @@ def predict_texts(model, tokenizer, texts: list[str], max_length: int,
 
 
 def _load_causal_lm(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
-    from peft import PeftModel
-
     from peftlab.causal_lm import load_causal_lm
     tokenizer = load_tokenizer(str(folder), recipe)
     if info["artifact"] == "adapter":
         base = load_causal_lm(_base_path(recipe, info), recipe)
         if dequantize:
             dequantize_linears(base)
-        model = PeftModel.from_pretrained(base, folder)
+        model = attach_adapter(base, folder)
     else:
         model = load_causal_lm(str(folder), recipe)
     return model.eval(), tokenizer

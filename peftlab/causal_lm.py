@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM
 from peftlab.artifacts import INFO_FILE
 from peftlab.config import Recipe
 from peftlab.data import make_loader
-from peftlab.errors import PeftlabError
-from peftlab.models import hub_kwargs, load_tokenizer, resolve_model_path
+from peftlab.models import hub_kwargs, load_error, load_tokenizer, resolve_model_path
 from peftlab.quantization import guard_cpu_repacking, load_kwargs
 from peftlab.sft_data import IGNORE, collate_sft, load_sft_data
 from peftlab.strategies import PEFT_KINDS, apply_strategy
@@ -62,8 +61,7 @@ def load_causal_lm(path: str, recipe: Recipe) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(recipe),
                                                      **hub_kwargs(recipe))
     except (OSError, ValueError, ImportError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PeftlabError(f"model.name {recipe.model.name}: could not load ({first[:300]})")
+        raise load_error(recipe.model.name, err) from None
     guard_cpu_repacking(model)
     return model
 

@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, RunInterrupted
 
 QUICKSTART_RECIPE = Path(__file__).parent / "quickstart" / "recipe.yaml"
 
@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
     from peftlab.config import load_recipe
     from peftlab.train import run
     recipe = load_recipe(args.recipe, args.overrides)
-    run(recipe, output_dir=args.output_dir, overwrite=args.overwrite)
+    run(recipe, output_dir=args.output_dir, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     train.add_argument("--output-dir", help="run folder (default: output.dir or runs/<recipe>)")
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="latest|CHECKPOINT",
+                       help="continue an interrupted run from its newest checkpoint "
+                            "(or the given checkpoint folder)")
     train.set_defaults(func=cmd_train)
 
     planner = sub.add_parser("plan", help="predict peak memory per strategy before a run")
@@ -301,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())
         print(f"peftlab: error: {message}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(f"peftlab: {stop}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("peftlab: interrupted", file=sys.stderr)
         return 130

@@ -91,6 +91,8 @@ class TrainConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit
+    save_every_steps: int = 0  # checkpoint every N optimizer steps too (0 = at epoch ends only)
+    keep_checkpoints: int = 2  # newest checkpoints kept in <run>/checkpoints (0 = write none)
 
 
 @dataclass
@@ -299,8 +301,20 @@ def validate(recipe: Recipe) -> None:
     if kind == "qlora" and recipe.model.quantization == "int8":
         raise PeftlabError(f"{where}: qlora is a 4-bit base; for an 8-bit base use "
                            f"strategy.kind lora with model.quantization int8")
-    if recipe.strategy.freeze_layers < 0:
-        raise PeftlabError(f"{where}: strategy.freeze_layers must be >= 0")
+    non_negative = {"strategy.freeze_layers": recipe.strategy.freeze_layers,
+                    "train.max_steps": recipe.train.max_steps,
+                    "train.save_every_steps": recipe.train.save_every_steps,
+                    "train.keep_checkpoints": recipe.train.keep_checkpoints,
+                    "train.eval_every_steps": recipe.train.eval_every_steps,
+                    "train.early_stopping_patience": recipe.train.early_stopping_patience,
+                    "train.max_grad_norm": recipe.train.max_grad_norm,
+                    "train.warmup_ratio": recipe.train.warmup_ratio}
+    for dotted, value in non_negative.items():
+        if value < 0:
+            raise PeftlabError(f"{where}: {dotted} must be >= 0, got {value}")
+    if recipe.train.log_every_steps < 1:
+        raise PeftlabError(f"{where}: train.log_every_steps must be >= 1, "
+                           f"got {recipe.train.log_every_steps}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -308,13 +322,17 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return {name: dataclasses.asdict(getattr(recipe, name)) for name in section_fields(Recipe)}
 
 
-def save_recipe(recipe: Recipe, path: Path) -> None:
-    """Write every section; data paths are made absolute so `peftlab eval RUN` finds them."""
+def resolved_recipe_dict(recipe: Recipe) -> dict:
+    """Every section, data paths made absolute so `peftlab eval RUN` finds them."""
     data = dataclasses.replace(recipe.data, **{
         split: resolve_data_path(value, recipe)
         for split in ("train", "validation", "test") if (value := getattr(recipe.data, split))})
-    resolved = dataclasses.replace(recipe, data=data)
-    path.write_text(yaml.safe_dump(recipe_to_dict(resolved), sort_keys=False), encoding="utf-8")
+    return recipe_to_dict(dataclasses.replace(recipe, data=data))
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(resolved_recipe_dict(recipe), sort_keys=False),
+                    encoding="utf-8")
 
 
 def resolve_data_path(value: str, recipe: Recipe) -> str:

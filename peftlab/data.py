@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from peftlab.config import Recipe, resolve_data_path
@@ -159,20 +159,26 @@ def read_splits(recipe: Recipe) -> dict[str, datasets.Dataset]:
     return {k: v for k, v in found.items() if v is not None}
 
 
+def _where(recipe: Recipe, split: str) -> str:
+    """How errors name a split: its key and the file it came from."""
+    return f"data.{split} ({getattr(recipe.data, split) or recipe.data.train})"
+
+
 def load_labelled_data(recipe: Recipe) -> LabelledData:
     """Read, clean, label and split the recipe's data; prints nothing (see format_report)."""
     raw = read_splits(recipe)
     columns, report = {}, {}
     for split, dataset in raw.items():
-        columns[split], report[split] = clean_split(dataset, recipe, f"data.{split}")
+        columns[split], report[split] = clean_split(dataset, recipe, _where(recipe, split))
     if not columns["train"]["text"]:
         raise PeftlabError(f"data.train ({recipe.data.train}): no usable rows "
                            f"(every row has an empty text or a missing label)")
     names = label_vocabulary(columns["train"]["label"], recipe)
     if len(set(columns["train"]["label"])) < 2:
-        raise PeftlabError(f"data.train: only one class ('{names[0]}'); a classifier needs two")
+        raise PeftlabError(f"data.train ({recipe.data.train}): only one class ('{names[0]}'); "
+                           f"a classifier needs two")
     numeric = _labels_index_names(recipe, columns["train"]["label"])
-    ids = {s: _to_ids(c, names, numeric, f"data.{s}") for s, c in columns.items()}
+    ids = {s: _to_ids(c, names, numeric, _where(recipe, s)) for s, c in columns.items()}
     ids = split_missing(ids, recipe, report)
     splits = datasets.DatasetDict({s: datasets.Dataset.from_dict(c) for s, c in ids.items()})
     splits = _limit(splits, recipe)
@@ -249,11 +255,33 @@ def tokenize_splits(splits: datasets.DatasetDict, tokenizer, max_length: int):
     return splits.map(encode, batched=True, remove_columns=drop, desc="tokenize")
 
 
+class EpochSeededSampler(Sampler):
+    """Epoch e's order depends only on (seed, e), never on how many epochs this process has
+    already iterated, so a run resumed mid-way sees the same batches as an unbroken one.
+    The training loop (and Accelerate's DataLoaderShard) call set_epoch before each pass."""
+
+    def __init__(self, inner: Sampler, generator: torch.Generator, seed: int):
+        self.inner, self.generator, self.seed, self.epoch = inner, generator, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def make_loader(dataset: datasets.Dataset, batch_size: int, *, collate, train: bool,
                 seed: int, group_by_length: bool = False) -> DataLoader:
-    """Train order is seeded (optionally length-grouped); eval order is fixed. `collate`
-    pads each batch to its longest member."""
+    """Train order is seeded per epoch (optionally length-grouped); eval order is fixed.
+    `collate` pads each batch to its longest member. The loader has its own generator, so
+    starting an iteration never draws from the global RNG that dropout uses: a resumed run
+    and an unbroken one see the same dropout masks."""
     generator = torch.Generator().manual_seed(seed)
+    sampler: Sampler
     if train and group_by_length:
         lengths = [len(ids) for ids in dataset["input_ids"]]
         sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
@@ -261,8 +289,10 @@ def make_loader(dataset: datasets.Dataset, batch_size: int, *, collate, train: b
         sampler = RandomSampler(dataset, generator=generator)
     else:
         sampler = SequentialSampler(dataset)
+    if train:
+        sampler = EpochSeededSampler(sampler, generator, seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      drop_last=False)
+                      drop_last=False, generator=torch.Generator().manual_seed(seed))
 
 
 def load_eval_file(path: str, recipe: Recipe, label_names: list[str]) -> datasets.DatasetDict:

@@ -95,8 +95,12 @@ def hub_kwargs(recipe: Recipe) -> dict:
     return kwargs
 
 
-def _load_error(name: str, err: Exception) -> PeftlabError:
+def load_error(name: str, err: Exception) -> PeftlabError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "no file named model.safetensors" in first:
+        return PeftlabError(f"model.name {name}: no safetensors weights; peftlab loads only "
+                            f"safetensors, since a pickled .bin can run code when loaded "
+                            f"(convert it once where you trust it: load and save_pretrained)")
     return PeftlabError(f"model.name {name}: could not load ({first[:300]})")
 
 
@@ -105,7 +109,7 @@ def load_tokenizer(path: str, recipe: Recipe):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(recipe))
     except (OSError, ValueError) as err:
-        raise _load_error(recipe.model.name, err) from None
+        raise load_error(recipe.model.name, err) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -137,7 +141,7 @@ def build_classifier(path: str, pooling: str, label_names: list[str], recipe: Re
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, **labels, **quantized, **hub_kwargs(recipe))
     except (OSError, ValueError, ImportError) as err:
-        raise _load_error(recipe.model.name, err) from None
+        raise load_error(recipe.model.name, err) from None
     guard_cpu_repacking(model)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id

@@ -62,12 +62,14 @@ def frozen_base_in_bf16(recipe: Recipe) -> bool:
 
 
 def load_kwargs(recipe: Recipe) -> dict:
-    """from_pretrained keywords for the base: its quantization, if any, and bf16 storage for
-    a frozen base under bf16 training (an 8B LoRA base: 16 GB instead of 32 GB)."""
+    """from_pretrained keywords for the base: safetensors only, its quantization, if any, and
+    bf16 storage for a frozen base under bf16 training (an 8B LoRA base: 16 GB not 32 GB)."""
+    # weights only from safetensors: a pickled pytorch_model.bin can run code when loaded
+    safe = {"use_safetensors": True}
     config = quantization_config(recipe)
     if config is not None:
-        return {"quantization_config": config}
-    return {"dtype": torch.bfloat16} if frozen_base_in_bf16(recipe) else {}
+        return {"quantization_config": config, **safe}
+    return {"dtype": torch.bfloat16, **safe} if frozen_base_in_bf16(recipe) else safe
 
 
 def guard_cpu_repacking(model: torch.nn.Module) -> int:

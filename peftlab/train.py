@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -22,9 +20,23 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from peftlab.causal_lm import prepare_causal_lm
+from peftlab.checkpoints import (
+    LoopState,
+    check_resumable,
+    find_checkpoint,
+    keep_trainable_only,
+    load_checkpoint,
+    save_checkpoint,
+)
 from peftlab.classification import prepare_classification
-from peftlab.config import Recipe, recipe_to_dict, save_recipe
-from peftlab.errors import PeftlabError
+from peftlab.config import Recipe, read_yaml, recipe_to_dict
+from peftlab.errors import PeftlabError, RunInterrupted
+from peftlab.guards import (
+    StopRequests,
+    is_out_of_memory,
+    nonfinite_error,
+    out_of_memory_error,
+)
 from peftlab.hardware import (
     peak_memory_mb,
     peak_reserved_mb,
@@ -32,59 +44,10 @@ from peftlab.hardware import (
     return_freed_memory_to_os,
 )
 from peftlab.metrics import format_metrics
+from peftlab.optimizers import DEFAULT_LR, build_optimizer
+from peftlab.run_folder import check_run_dir, prepare_run_folder, resolve_run_dir
 from peftlab.strategies import PEFT_KINDS, StrategyReport, open_groups
 from peftlab.task import Task, micro_batch_groups
-
-DEFAULT_LR = {"full": 5e-5, "freeze": 5e-5, "gradual": 5e-5, "head": 1e-3,
-              "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4, "peft": 5e-4}
-
-
-def default_run_dir(recipe: Recipe) -> Path:
-    if recipe.output.dir:
-        return Path(recipe.output.dir)
-    stem = Path(recipe.source).stem if recipe.source.endswith((".yaml", ".yml")) else "run"
-    return Path("runs") / stem
-
-
-def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty run folder before any work, so earlier results are never lost."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PeftlabError(f"{run_dir}: exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise PeftlabError(f"{run_dir}: run folder is not empty; pass --overwrite or choose "
-                           f"another --output-dir")
-
-
-def _bnb_optimizer(name: str):
-    def build(groups, lr):
-        import bitsandbytes as bnb
-        return getattr(bnb.optim, name)(groups, lr=lr)
-    return build
-
-
-# 8-bit AdamW keeps its two states in 8 bits (2 bytes/param instead of 8); paged optimizers
-# move state to CPU memory under GPU memory pressure instead of failing
-# fused AdamW updates all tensors in one kernel: 0.2 s less per step for full MiniLM on CPU
-OPTIMIZERS = {"adamw": lambda groups, lr: torch.optim.AdamW(groups, lr=lr, fused=True),
-              "adamw_8bit": _bnb_optimizer("AdamW8bit"),
-              "paged_adamw": _bnb_optimizer("PagedAdamW"),
-              "paged_adamw_8bit": _bnb_optimizer("PagedAdamW8bit")}
-
-
-def build_optimizer(model, recipe: Recipe, head_names: list[str]) -> torch.optim.Optimizer:
-    """AdamW; no decay on biases and norms (1-d); the new head may get its own lr."""
-    lr, head_lr = recipe.train.lr, recipe.train.head_lr or recipe.train.lr
-    peft = recipe.strategy.kind in PEFT_KINDS
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, param in model.named_parameters():
-        if peft and not param.requires_grad:
-            continue  # frozen base weights of an adapter run never train: keep no state
-        is_head = bool(set(name.split(".")) & set(head_names))
-        groups.setdefault((is_head, param.ndim >= 2), []).append(param)
-    param_groups = [{"params": params, "lr": head_lr if is_head else lr,
-                     "weight_decay": recipe.train.weight_decay if decay else 0.0}
-                    for (is_head, decay), params in groups.items()]
-    return OPTIMIZERS[recipe.train.optimizer](param_groups, lr=lr)
 
 
 def _trainable_snapshot(model, names: set[str]) -> dict[str, torch.Tensor]:
@@ -113,16 +76,6 @@ def _unfreeze(report: StrategyReport, recipe: Recipe, step: int, epoch: int, ope
     if want != opened:
         open_groups(report.groups, want)
     return want
-
-
-def _prepare_output(run_dir: Path, overwrite: bool, recipe: Recipe, accelerator) -> None:
-    if accelerator.is_main_process:
-        check_run_dir(run_dir, overwrite)
-        if run_dir.is_dir() and overwrite:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-    accelerator.wait_for_everyone()
 
 
 def _tracker_config(recipe: Recipe) -> dict:
@@ -154,28 +107,49 @@ def _fit_batch_to_memory(recipe: Recipe, device: str, say) -> None:
 TASKS = {"classification": prepare_classification, "causal_lm": prepare_causal_lm}
 
 
-def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) -> dict:
-    """Train, evaluate and save one run; returns the metrics and the run summary."""
+def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
+        resume: str | None = None) -> dict:
+    """Train, evaluate and save one run; returns the metrics and the run summary.
+
+    `resume` ("latest" or a checkpoint folder) continues an interrupted run where its last
+    checkpoint left it: same weights, optimizer, schedule, data position and random streams,
+    so the result equals the run that was never interrupted.
+    """
     kind = recipe.strategy.kind
     recipe.train.lr = recipe.train.lr if recipe.train.lr else DEFAULT_LR[kind]
-    run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
-    check_run_dir(run_dir, overwrite)
+    run_dir = resolve_run_dir(recipe, output_dir, resume)
+    checkpoint = None
+    if resume:
+        if overwrite:
+            raise PeftlabError("--resume continues a run and --overwrite deletes it; pass one")
+        checkpoint = find_checkpoint(run_dir, resume)
+    else:
+        check_run_dir(run_dir, overwrite)
     cfg = recipe.train
     precision = resolve_precision(cfg.mixed_precision, cfg.cpu)
     # accumulation is done here, not by Accelerate, so the loss can be normalised by the
     # items (examples or target tokens) of the whole step across micro-batches and processes
     accelerator = Accelerator(mixed_precision=precision, cpu=cfg.cpu,
                               log_with="tensorboard" if recipe.output.tensorboard else None,
-                              project_dir=str(run_dir))
+                              project_dir=str(run_dir),
+                              # one scheduler step per optimizer step, whatever the processes
+                              step_scheduler_with_optimizer=False)
     say = accelerator.print
     if accelerator.device.type == "cpu":
         return_freed_memory_to_os()
     set_seed(cfg.seed)
-    if cfg.auto_batch_size:
+    if cfg.auto_batch_size and resume:  # the run's own micro-batch, not today's free memory
+        saved = read_yaml(run_dir / "recipe.yaml") or {}
+        cfg.batch_size = saved.get("train", {}).get("batch_size", cfg.batch_size)
+        cfg.grad_accum = saved.get("train", {}).get("grad_accum", cfg.grad_accum)
+    elif cfg.auto_batch_size:
         _fit_batch_to_memory(recipe, accelerator.device.type, say)
+    if resume:
+        check_resumable(run_dir, recipe)
     task: Task = TASKS[recipe.model.task](recipe, say)
     report = task.report
-    _prepare_output(run_dir, overwrite, recipe, accelerator)
+    if not resume:
+        prepare_run_folder(run_dir, overwrite, recipe, accelerator)
 
     optimizer = build_optimizer(report.model, recipe, report.head_names)
     model, optimizer, *prepared = accelerator.prepare(report.model, optimizer,
@@ -186,6 +160,16 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
     scheduler = get_scheduler(cfg.scheduler, optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    scheduler = accelerator.prepare(scheduler)  # so save_state/load_state include it
+    unwrapped = accelerator.unwrap_model(model)
+    snapshot_names = {n for n, p in unwrapped.named_parameters()
+                      if p.requires_grad or kind not in PEFT_KINDS}
+    keep_trainable_only(accelerator, unwrapped, snapshot_names)
+    state, best_state = LoopState(processes=accelerator.num_processes), None
+    if checkpoint:
+        state, best_state = load_checkpoint(accelerator, checkpoint)
+        say(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, "
+            f"{state.batches_in_epoch} micro-batches into it)")
     if recipe.output.tensorboard:
         accelerator.init_trackers("logs", config=_tracker_config(recipe))
     effective = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
@@ -194,99 +178,170 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
         f"{'fp32' if precision == 'no' else precision} precision, lr {cfg.lr:g}, "
         f"device {accelerator.device}")
 
-    unwrapped = accelerator.unwrap_model(model)
-    snapshot_names = {n for n, p in unwrapped.named_parameters()
-                      if p.requires_grad or kind not in PEFT_KINDS}
     metric = task.default_metric if cfg.metric_for_best == "auto" else cfg.metric_for_best
-    best, best_step, best_state, history, stale = None, 0, None, [], 0
-    loss_history: list[dict] = []  # training loss per log period, for curves and tests
-    step, samples, opened, epoch, stop = 0, 0, 1, 0, False
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_items = torch.zeros((), device=accelerator.device)
+    device = accelerator.device
+    mine = state.counters[accelerator.process_index] if state.counters else [0.0, 0.0, 0.0]
+    window_loss = torch.tensor(mine[0], device=device)
+    window_items = torch.tensor(mine[1], device=device)
     # real (non-pad) tokens stay on the device until the end: no host sync per step
-    real_tokens, padded_tokens = torch.zeros((), device=accelerator.device), 0
-    bar = tqdm(total=total_steps, disable=not accelerator.is_local_main_process,
-               desc=f"train {kind}", dynamic_ncols=True, mininterval=1.0)
-    start, eval_seconds, step_times = time.perf_counter(), 0.0, []
+    real_tokens = torch.tensor(mine[2], device=device, dtype=torch.float64)
+    # set by any non-finite loss or gradient norm; read only when the loss is logged and
+    # before a checkpoint, so a bad step never reaches disk and costs no per-step sync
+    nonfinite = torch.zeros((), device=device)
+    last_checkpoint, saved_step = checkpoint, None
+    checked_step, opened = state.step, 1
+    # throughput counts only what this process did (a resumed run continues the totals)
+    at_start = (state.samples, state.padded_tokens, mine[2])
+    bar = tqdm(total=total_steps, initial=state.step, dynamic_ncols=True, mininterval=1.0,
+               disable=not accelerator.is_local_main_process, desc=f"train {kind}")
+    start, eval_seconds, save_seconds, step_times = time.perf_counter(), 0.0, 0.0, []
+    earlier_seconds = state.train_seconds  # spent before a resume
 
     def evaluate_now() -> None:
-        nonlocal best, best_step, best_state, stale, stop, eval_seconds
+        nonlocal best_state, eval_seconds
         eval_start = time.perf_counter()
         result = task.evaluate(model, loaders["validation"], accelerator)
         if task.on_evaluate:
-            task.on_evaluate(model, accelerator, step, run_dir)
+            task.on_evaluate(model, accelerator, state.step, run_dir)
         model.train()
         eval_seconds += time.perf_counter() - eval_start
-        history.append({"step": step, "epoch": epoch,
-                        **{k: result[k] for k in task.history_keys if k in result}})
-        accelerator.log({f"eval/{k}": v for k, v in history[-1].items()
-                         if k not in ("step", "epoch")}, step=step)
+        state.history.append({"step": state.step, "epoch": state.epoch,
+                              **{k: result[k] for k in task.history_keys if k in result}})
+        accelerator.log({f"eval/{k}": v for k, v in state.history[-1].items()
+                         if k not in ("step", "epoch")}, step=state.step)
         if accelerator.is_local_main_process:
-            bar.write(f"step {step}: " + format_metrics("validation", result))
+            bar.write(f"step {state.step}: " + format_metrics("validation", result))
         if metric not in result:
             raise PeftlabError(f"train.metric_for_best: '{metric}' is not a metric of this "
                                f"task; choose from {', '.join(task.history_keys)}")
-        if _is_better(result[metric], best, metric):
-            best, best_step, stale = result[metric], step, 0
+        if _is_better(result[metric], state.best, metric):
+            state.best, state.best_step, state.stale = result[metric], state.step, 0
             best_state = _trainable_snapshot(unwrapped, snapshot_names)
         else:
-            stale += 1
-            if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
-                say(f"early stopping at step {step}: no {metric} gain in {stale} evaluations")
-                stop = True
+            state.stale += 1
+            if cfg.early_stopping_patience and state.stale >= cfg.early_stopping_patience:
+                say(f"early stopping at step {state.step}: no {metric} gain in "
+                    f"{state.stale} evaluations")
+                state.stopped = True
 
-    if cfg.eval_at_start:
+    def check_finite(flag: float | None = None) -> None:
+        nonlocal checked_step
+        if flag is None:
+            flag = accelerator.reduce(nonfinite.clone(), "sum").item()
+        if flag:
+            raise nonfinite_error(checked_step + 1, state.step, last_checkpoint)
+        checked_step = state.step
+
+    def log_loss() -> None:
+        # one sync per log period: the loss over every process's items, and the nan check
+        window = accelerator.reduce(torch.stack([window_loss, window_items, nonfinite]), "sum")
+        check_finite(window[2].item())
+        mean_loss = (window[0] / window[1].clamp(min=1)).item()
+        state.loss_history.append({"step": state.step, "loss": round(mean_loss, 6)})
+        rate = (state.samples - at_start[0]) / (time.perf_counter() - start - eval_seconds)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
+        accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                         "train/samples_per_second": rate}, step=state.step)
+        window_loss.zero_()
+        window_items.zero_()
+
+    def checkpoint_now() -> None:
+        nonlocal last_checkpoint, saved_step, save_seconds
+        if not cfg.keep_checkpoints or saved_step == state.step:
+            return
+        check_finite()
+        save_start = time.perf_counter()
+        counters = torch.stack([window_loss.double(), window_items.double(), real_tokens])
+        state.counters = accelerator.gather(counters).view(-1, 3).tolist()
+        state.train_seconds = train_time()
+        last_checkpoint = save_checkpoint(accelerator, run_dir, state, best_state,
+                                          cfg.keep_checkpoints)
+        saved_step = state.step
+        save_seconds += time.perf_counter() - save_start
+
+    def train_time() -> float:
+        return earlier_seconds + time.perf_counter() - start
+
+    def stop_if_requested(stops: StopRequests) -> None:
+        if not stops.requested(accelerator):
+            return
+        checkpoint_now()
+        accelerator.end_training()
+        saved = (f"checkpoint {last_checkpoint}; continue with `peftlab train "
+                 f"{recipe.source or 'RECIPE'} --resume latest`" if cfg.keep_checkpoints
+                 else "no checkpoint (train.keep_checkpoints is 0)")
+        raise RunInterrupted(f"interrupted at step {state.step}: {saved}")
+
+    if cfg.eval_at_start and checkpoint is None:
         evaluate_now()
-    while not stop and step < total_steps:
-        opened = _unfreeze(report, recipe, step, epoch, opened)
-        model.train()
-        for group in micro_batch_groups(loaders["train"], cfg.grad_accum):
-            tick = time.perf_counter()
-            counts = torch.stack([task.count_items(batch) for batch in group])
-            total_items = accelerator.reduce(counts.sum(), "sum").clamp(min=1)
-            for index, batch in enumerate(group):
-                last = index == len(group) - 1
-                with nullcontext() if last else accelerator.no_sync(model):
-                    loss_sum = task.batch_loss(model, batch)
-                    # DDP averages gradients over processes: scale back to a global mean
-                    accelerator.backward(loss_sum * accelerator.num_processes / total_items)
-                window_loss += loss_sum.detach()
-                samples += batch["input_ids"].shape[0] * accelerator.num_processes
-                padded_tokens += batch["input_ids"].numel() * accelerator.num_processes
-                real_tokens += batch["attention_mask"].sum() if "attention_mask" in batch \
-                    else batch["input_ids"].numel()
-            window_items += counts.sum()
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_times.append(time.perf_counter() - tick)
-            bar.update(1)
-            opened = _unfreeze(report, recipe, step, epoch, opened)
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                # one sync per log period: the loss over every process's items
-                window = accelerator.reduce(torch.stack([window_loss, window_items]), "sum")
-                mean_loss = (window[0] / window[1].clamp(min=1)).item()
-                loss_history.append({"step": step, "loss": round(mean_loss, 6)})
-                rate = samples / (time.perf_counter() - start - eval_seconds)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
-                accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
-                                 "train/samples_per_second": rate}, step=step)
-                window_loss.zero_()
-                window_items.zero_()
-            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 or step == total_steps:
-                evaluate_now()
-            if stop or step >= total_steps:
-                stop = True
-                break
-        else:  # the epoch ended without a stop
-            if not cfg.eval_every_steps:
-                evaluate_now()
-        epoch += 1
-    bar.close()
-    train_seconds = time.perf_counter() - start
+    with StopRequests() as stops:
+        try:
+            while not state.stopped and state.step < total_steps:
+                opened = _unfreeze(report, recipe, state.step, state.epoch, opened)
+                model.train()
+                loaders["train"].set_epoch(state.epoch)  # epoch e's order depends on e only
+                batches = loaders["train"]
+                if state.batches_in_epoch:
+                    batches = accelerator.skip_first_batches(batches, state.batches_in_epoch)
+                for group in micro_batch_groups(batches, cfg.grad_accum):
+                    tick = time.perf_counter()
+                    counts = torch.stack([task.count_items(batch) for batch in group])
+                    total_items = accelerator.reduce(counts.sum(), "sum").clamp(min=1)
+                    for index, batch in enumerate(group):
+                        last = index == len(group) - 1
+                        with nullcontext() if last else accelerator.no_sync(model):
+                            loss_sum = task.batch_loss(model, batch)
+                            # DDP averages gradients over processes: scale back to a global mean
+                            accelerator.backward(loss_sum * accelerator.num_processes
+                                                 / total_items)
+                        window_loss += loss_sum.detach()
+                        nonfinite.add_((~torch.isfinite(loss_sum.detach())).float())
+                        state.samples += batch["input_ids"].shape[0] * accelerator.num_processes
+                        state.padded_tokens += batch["input_ids"].numel() * \
+                            accelerator.num_processes
+                        real_tokens += batch["attention_mask"].sum() \
+                            if "attention_mask" in batch else batch["input_ids"].numel()
+                    window_items += counts.sum()
+                    if cfg.max_grad_norm > 0:
+                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        if precision != "fp16":  # fp16's scaler skips inf steps by design
+                            nonfinite.add_((~torch.isfinite(norm)).float())
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+                    state.batches_in_epoch += len(group)
+                    step_times.append(time.perf_counter() - tick)
+                    bar.update(1)
+                    opened = _unfreeze(report, recipe, state.step, state.epoch, opened)
+                    if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
+                        log_loss()
+                    if (cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0
+                            or state.step == total_steps):
+                        evaluate_now()
+                    state.stopped = state.stopped or state.step >= total_steps
+                    end_of_epoch = state.batches_in_epoch >= len(loaders["train"])
+                    every = cfg.save_every_steps
+                    if state.stopped or (every and state.step % every == 0 and not end_of_epoch):
+                        checkpoint_now()
+                    stop_if_requested(stops)
+                    if state.stopped:
+                        break
+                else:  # the epoch ended without a stop
+                    if not cfg.eval_every_steps:
+                        evaluate_now()
+                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                    checkpoint_now()
+                    stop_if_requested(stops)
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise out_of_memory_error(recipe.source, device, state.step, cfg.batch_size,
+                                      last_checkpoint) from None
+        finally:
+            bar.close()  # before any message, so it does not land inside the bar's line
+    check_finite()
+    train_seconds = train_time()
 
     if best_state is not None:
         _restore(unwrapped, best_state)
@@ -295,22 +350,25 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False) 
     for split, values in metrics.items():
         say(format_metrics(split, values))
     sorted_times = sorted(step_times) or [0.0]
-    train_only = max(train_seconds - eval_seconds, 1e-9)
-    real_tokens = accelerator.reduce(real_tokens, "sum").item()
+    train_only = max(time.perf_counter() - start - eval_seconds - save_seconds, 1e-9)
+    real_tokens = accelerator.reduce(real_tokens - at_start[2], "sum").item()
+    samples, padded_tokens = state.samples - at_start[0], state.padded_tokens - at_start[1]
     summary = {
         "strategy": kind, **task.summary, "trainable_params": report.trainable,
         "total_params": report.total, "trainable_percent": round(report.percent, 4),
-        "steps": step, "best_step": best_step, "metric_for_best": metric, "best_value": best,
-        "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
+        "steps": state.step, "best_step": state.best_step, "metric_for_best": metric,
+        "best_value": state.best, "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2), "checkpoint_seconds": round(save_seconds, 2),
         "samples_per_second": round(samples / train_only, 2),
         "tokens_per_second": round(real_tokens / train_only, 1),
         "padded_tokens_per_second": round(padded_tokens / train_only, 1),
         "median_step_seconds": round(sorted_times[len(sorted_times) // 2], 4),
-        "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
-        "peak_reserved_mb": peak_reserved_mb(accelerator.device),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "peak_reserved_mb": peak_reserved_mb(device),
         "precision": precision, "processes": accelerator.num_processes,
-        "effective_batch": effective, "device": str(accelerator.device),
-        "eval_history": history, "loss_history": loss_history,
+        "effective_batch": effective, "device": str(device),
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "eval_history": state.history, "loss_history": state.loss_history,
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -111,7 +111,7 @@ def test_rows_without_text_or_label_are_dropped_and_counted(tmp_path):
 def test_unknown_label_in_validation_is_an_error(tmp_path):
     train = write_rows(tmp_path / "train.csv", sentiment_rows(40))
     val = write_rows(tmp_path / "val.csv", [{"text": "odd one", "label": "neutral"}])
-    with pytest.raises(PeftlabError, match="data.validation: label 'neutral' does not occur"):
+    with pytest.raises(PeftlabError, match=r"data.validation \(.*\): label 'neutral' does not occur"):
         load_labelled_data(recipe_for(train, validation=str(val)))
 
 

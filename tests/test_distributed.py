@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, write_recipe
@@ -70,3 +71,61 @@ def test_two_cpu_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny
     for split in ("validation", "test"):  # every example once: no padding duplicates
         assert sum(map(sum, metrics[split]["confusion_matrix"])) == 40
         assert metrics[split]["examples"] == 40
+
+
+def kill_9_every_process_of(run_dir) -> None:
+    import signal
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(run_dir) in cmdline.split("\0"):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_two_processes_resume_exactly_after_kill_9(tmp_path, tiny_bert, sentiment_csv):
+    """Each rank restores its own RNG and log counters: the resumed 2-process run equals
+    the unbroken one bit for bit (adapter dropout makes the RNG matter)."""
+    import time
+
+    from peftlab.checkpoints import list_checkpoints
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                          strategy={"kind": "lora", "lora_r": 4, "lora_dropout": 0.2},
+                          train={"epochs": 2, "batch_size": 4, "lr": 1e-2, "cpu": True,
+                                 "save_every_steps": 7, "log_every_steps": 5})
+    reference = launch(["train", recipe, "--output-dir", tmp_path / "ref"], processes=2)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m", "peftlab", "train",
+         str(recipe), "--output-dir", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not [p for p in list_checkpoints(out) if p.name >= "step-00000021"]:
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        kill_9_every_process_of(out)  # the launcher and both ranks (own sessions)
+    finally:
+        process.wait(timeout=60)
+    assert not (out / "summary.json").exists()
+
+    resumed = launch(["train", recipe, "--output-dir", out, "--resume"], processes=2)
+    errors = [line for line in resumed.stderr.splitlines() if "peftlab: error" in line]
+    assert resumed.returncode == 0, errors or resumed.stderr[-2000:]
+    assert resumed.stdout.count("resumed from") == 1
+    ours, theirs = (load_file(run / "adapter" / "adapter_model.safetensors")
+                    for run in (out, tmp_path / "ref"))
+    assert all(ours[k].equal(theirs[k]) for k in theirs)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (out, tmp_path / "ref")]
+    for key in ("loss_history", "eval_history"):
+        assert summaries[0][key] == summaries[1][key]
+    assert json.loads((out / "metrics.json").read_text()) == \
+        json.loads((tmp_path / "ref" / "metrics.json").read_text())
