@@ -70,8 +70,10 @@ def machine() -> dict:
 
 
 def kind_overrides(kind: str, args) -> list[str]:
+    # no checkpoints: the table compares training itself, like the Trainer baselines
+    # (save_strategy "no"); summary.json reports checkpoint_seconds apart when they are on
     extra = [f"strategy.kind={kind}", f"train.max_steps={args.steps}",
-             "train.eval_every_steps=0", f"train.lr={LR[kind]}"]
+             "train.eval_every_steps=0", f"train.lr={LR[kind]}", "train.keep_checkpoints=0"]
     if kind == "freeze":
         extra.append(f"strategy.freeze_layers={args.freeze_layers}")
     if kind == "gradual":  # open one group every steps/8, so the top layers all train

@@ -119,3 +119,66 @@ def test_ctrl_c_saves_the_current_step_and_resume_finishes_the_same_run(recipe, 
                              env=ENV, capture_output=True, text=True, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(out, reference)
+
+
+def resume_from_middle(recipe, tmp_path, step: int):
+    """The run, then a copy of it that lost everything after checkpoint `step` and resumed."""
+    import shutil
+
+    from conftest import reset_accelerate_state
+
+    from peftlab.config import load_recipe
+    from peftlab.train import run
+    run(load_recipe(recipe), output_dir=str(tmp_path / "ref"))
+    reset_accelerate_state()
+    out = tmp_path / "cut"
+    shutil.copytree(tmp_path / "ref", out)
+    for path in out.iterdir():  # what the run wrote after `step`
+        if path.name not in ("recipe.yaml", "checkpoints"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for checkpoint in list_checkpoints(out):
+        if int(checkpoint.name.split("-")[1]) > step:
+            shutil.rmtree(checkpoint)
+    run(load_recipe(recipe), output_dir=str(out), resume="latest")
+    return tmp_path / "ref", out
+
+
+def same_files(ref, out, relative: str):
+    ours, theirs = load_file(out / relative), load_file(ref / relative)
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("strategy", [
+    {"kind": "gradual", "unfreeze_every_steps": 4},  # groups open after the resume point
+    {"kind": "qlora", "lora_r": 4},  # a 4-bit base: the checkpoint holds the adapter only
+    {"kind": "freeze", "freeze_layers": 1},
+], ids=lambda s: s["kind"])
+def test_resume_is_exact_for_other_strategies(tmp_path, tiny_bert, sentiment_csv, strategy):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv, strategy=strategy,
+                          train={"max_steps": 14, "batch_size": 8, "lr": 5e-3, "cpu": True,
+                                 "save_every_steps": 3, "keep_checkpoints": 10,
+                                 "eval_every_steps": 5})
+    ref, out = resume_from_middle(recipe, tmp_path, step=6)
+    artifact = "adapter/adapter_model.safetensors" if strategy["kind"] == "qlora" \
+        else "model/model.safetensors"
+    same_files(ref, out, artifact)
+    assert json.loads((out / "metrics.json").read_text()) == \
+        json.loads((ref / "metrics.json").read_text())
+
+
+def test_resume_is_exact_for_supervised_fine_tuning(tmp_path, tiny_llama):
+    """Causal LM: the loss is normalised by target tokens across the resume point."""
+    rows = [{"instruction": f"the movie was {'great' if i % 2 else 'awful'}", "input": "",
+             "output": "nice" if i % 2 else "bad"} for i in range(64)]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, data, model={"task": "causal_lm"},
+                          strategy={"kind": "lora", "lora_r": 4, "lora_dropout": 0.1},
+                          train={"epochs": 2, "batch_size": 8, "grad_accum": 2, "lr": 1e-2,
+                                 "cpu": True, "save_every_steps": 2, "keep_checkpoints": 10},
+                          eval={"max_new_tokens": 2})
+    ref, out = resume_from_middle(recipe, tmp_path, step=2)
+    same_files(ref, out, "adapter/adapter_model.safetensors")
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (out, ref)]
+    assert summaries[0]["eval_history"] == summaries[1]["eval_history"]
+    assert summaries[0]["loss_history"] == summaries[1]["loss_history"]
