@@ -137,6 +137,14 @@ CHOICES = {
                               "recall_weighted", "loss"),
 }
 
+# the smallest valid value of each numeric field that has one
+MINIMUMS = {"model.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1,
+            "eval.batch_size": 1, "strategy.lora_r": 1, "train.log_every_steps": 1,
+            "strategy.freeze_layers": 0, "train.max_steps": 0, "train.save_every_steps": 0,
+            "train.keep_checkpoints": 0, "train.eval_every_steps": 0,
+            "train.early_stopping_patience": 0, "train.max_grad_norm": 0,
+            "train.warmup_ratio": 0}
+
 
 def section_fields(section_type: type) -> dict[str, Any]:
     """Field name -> resolved type annotation of a recipe section."""
@@ -278,14 +286,11 @@ def validate(recipe: Recipe) -> None:
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise PeftlabError(f"{where}: data.split_ratios must be 3 non-negative numbers "
                            f"summing to 1 (train, validation, test), got {ratios}")
-    positive = {"model.max_length": recipe.model.max_length,
-                "train.batch_size": recipe.train.batch_size,
-                "train.grad_accum": recipe.train.grad_accum,
-                "eval.batch_size": recipe.eval.batch_size,
-                "strategy.lora_r": recipe.strategy.lora_r}
-    for dotted, value in positive.items():
-        if value < 1:
-            raise PeftlabError(f"{where}: {dotted} must be >= 1, got {value}")
+    for dotted, minimum in MINIMUMS.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(recipe, section), key)
+        if value < minimum:
+            raise PeftlabError(f"{where}: {dotted} must be >= {minimum}, got {value}")
     if recipe.train.lr is not None and recipe.train.lr <= 0:
         raise PeftlabError(f"{where}: train.lr must be > 0, got {recipe.train.lr}")
     if recipe.train.epochs <= 0 and recipe.train.max_steps <= 0:
@@ -301,20 +306,6 @@ def validate(recipe: Recipe) -> None:
     if kind == "qlora" and recipe.model.quantization == "int8":
         raise PeftlabError(f"{where}: qlora is a 4-bit base; for an 8-bit base use "
                            f"strategy.kind lora with model.quantization int8")
-    non_negative = {"strategy.freeze_layers": recipe.strategy.freeze_layers,
-                    "train.max_steps": recipe.train.max_steps,
-                    "train.save_every_steps": recipe.train.save_every_steps,
-                    "train.keep_checkpoints": recipe.train.keep_checkpoints,
-                    "train.eval_every_steps": recipe.train.eval_every_steps,
-                    "train.early_stopping_patience": recipe.train.early_stopping_patience,
-                    "train.max_grad_norm": recipe.train.max_grad_norm,
-                    "train.warmup_ratio": recipe.train.warmup_ratio}
-    for dotted, value in non_negative.items():
-        if value < 0:
-            raise PeftlabError(f"{where}: {dotted} must be >= 0, got {value}")
-    if recipe.train.log_every_steps < 1:
-        raise PeftlabError(f"{where}: train.log_every_steps must be >= 1, "
-                           f"got {recipe.train.log_every_steps}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -1,9 +1,11 @@
 """run(recipe): one fine-tuning run on Accelerate, top to bottom.
 
 recipe -> task (data, model, strategy) -> loop (accumulate, clip, schedule, evaluate, stop
-early) -> best weights restored -> validation/test metrics -> run folder. Nothing here is
-single-process only: metrics go through gather_for_metrics, files are written by the main
-process, so `accelerate launch -m peftlab train RECIPE` runs it unchanged.
+early, checkpoint) -> best weights restored -> validation/test metrics -> run folder. Nothing
+here is single-process only: metrics go through gather_for_metrics, files are written by the
+main process, so `accelerate launch -m peftlab train RECIPE` runs it unchanged. Everything the
+loop carries between steps lives in a LoopState, which is what a checkpoint stores besides
+Accelerate's own state; that is what makes a resumed run equal an unbroken one.
 """
 
 from __future__ import annotations
