@@ -72,8 +72,9 @@ def attach_adapter(base, folder: Path):
         if "size mismatch" not in str(err):
             raise
         detail = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+        name = getattr(base, "name_or_path", "") or "the recipe model"
         raise PeftlabError(f"{folder}: this adapter was trained on another base model than "
-                           f"{getattr(base, 'name_or_path', '') or 'the recipe model'} ({detail})") from None
+                           f"{name} ({detail})") from None
 
 
 def load_trained(run_dir: str | Path, dequantize: bool = False):

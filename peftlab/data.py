@@ -171,11 +171,11 @@ def load_labelled_data(recipe: Recipe) -> LabelledData:
     for split, dataset in raw.items():
         columns[split], report[split] = clean_split(dataset, recipe, _where(recipe, split))
     if not columns["train"]["text"]:
-        raise PeftlabError(f"data.train ({recipe.data.train}): no usable rows "
+        raise PeftlabError(f"{_where(recipe, 'train')}: no usable rows "
                            f"(every row has an empty text or a missing label)")
     names = label_vocabulary(columns["train"]["label"], recipe)
     if len(set(columns["train"]["label"])) < 2:
-        raise PeftlabError(f"data.train ({recipe.data.train}): only one class ('{names[0]}'); "
+        raise PeftlabError(f"{_where(recipe, 'train')}: only one class ('{names[0]}'); "
                            f"a classifier needs two")
     numeric = _labels_index_names(recipe, columns["train"]["label"])
     ids = {s: _to_ids(c, names, numeric, _where(recipe, s)) for s, c in columns.items()}

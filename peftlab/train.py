@@ -193,7 +193,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     last_checkpoint, saved_step = checkpoint, None
     checked_step, opened = state.step, 1
     # throughput counts only what this process did (a resumed run continues the totals)
-    at_start = (state.samples, state.padded_tokens, mine[2])
+    samples_at_start, padded_at_start = state.samples, state.padded_tokens
     bar = tqdm(total=total_steps, initial=state.step, dynamic_ncols=True, mininterval=1.0,
                disable=not accelerator.is_local_main_process, desc=f"train {kind}")
     start, eval_seconds, save_seconds, step_times = time.perf_counter(), 0.0, 0.0, []
@@ -240,7 +240,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         check_finite(window[2].item())
         mean_loss = (window[0] / window[1].clamp(min=1)).item()
         state.loss_history.append({"step": state.step, "loss": round(mean_loss, 6)})
-        rate = (state.samples - at_start[0]) / (time.perf_counter() - start - eval_seconds)
+        rate = (state.samples - samples_at_start) / (time.perf_counter() - start - eval_seconds)
         bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
         accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                          "train/samples_per_second": rate}, step=state.step)
@@ -353,8 +353,9 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         say(format_metrics(split, values))
     sorted_times = sorted(step_times) or [0.0]
     train_only = max(time.perf_counter() - start - eval_seconds - save_seconds, 1e-9)
-    real_tokens = accelerator.reduce(real_tokens - at_start[2], "sum").item()
-    samples, padded_tokens = state.samples - at_start[0], state.padded_tokens - at_start[1]
+    real_tokens = accelerator.reduce(real_tokens - mine[2], "sum").item()
+    samples = state.samples - samples_at_start
+    padded_tokens = state.padded_tokens - padded_at_start
     summary = {
         "strategy": kind, **task.summary, "trainable_params": report.trainable,
         "total_params": report.total, "trainable_percent": round(report.percent, 4),
