@@ -73,7 +73,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg, strategy = recipe.train, recipe.strategy
     data = load_labelled_data(recipe)
-    path = resolve_model_path(recipe.model.name)
+    path = resolve_model_path(recipe.model.name, recipe)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenized = tokenize(data.splits, tokenizer, recipe.model.max_length, args.mode)
     torch.manual_seed(cfg.seed)

@@ -12,10 +12,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
+from peftlab.hardware import precision_context
 from peftlab.models import build_classifier, load_tokenizer, resolve_model_path
 from peftlab.quantization import dequantize_linears
 
@@ -24,7 +26,7 @@ HEAD_FILE = "classifier.safetensors"
 
 
 def save_trained(model, tokenizer, run_dir: Path, *, pooling: str, peft: bool,
-                 label_names: list[str], base_path: str) -> Path:
+                 label_names: list[str], base_path: str, precision: str) -> Path:
     """Write the trained weights (adapter or full model) and tokenizer; returns the folder."""
     folder = run_dir / ("adapter" if peft else "model")
     body = model.backbone if pooling == "mean" else model
@@ -34,30 +36,44 @@ def save_trained(model, tokenizer, run_dir: Path, *, pooling: str, peft: bool,
         state = {k: v.detach().float().cpu().contiguous()
                  for k, v in model.classifier.state_dict().items()}
         save_file(state, folder / HEAD_FILE)
-    info = {"artifact": folder.name, "pooling": pooling, "label_names": label_names,
-            "base_model": base_path}
-    (run_dir / INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    write_info(run_dir, {"artifact": folder.name, "pooling": pooling,
+                         "label_names": label_names, "base_model": base_path,
+                         "precision": precision})
     return folder
 
 
+def write_info(run_dir: Path, info: dict) -> None:
+    """peftlab.json: what loading the run back needs (artifact, task facts, precision)."""
+    (run_dir / INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
 def read_run(run_dir: str | Path) -> tuple[Recipe, dict]:
-    """The recipe and info of a finished run; a clear error for anything else."""
+    """The recipe and info of a finished run; a clear error for anything else. The recipe's
+    mixed_precision becomes the precision the run trained in (older runs: summary.json's),
+    so a frozen base is stored as in training and inference can autocast the same way."""
     run_dir = Path(run_dir)
     info_path = run_dir / INFO_FILE
     if not info_path.is_file():
         raise PeftlabError(f"{run_dir}: not a finished peftlab run (no {INFO_FILE})")
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or "artifact" not in info:
+            raise ValueError("no 'artifact' key")
     except (OSError, ValueError) as err:
         raise PeftlabError(f"{info_path}: unreadable ({err})") from None
     recipe = load_recipe(run_dir / "recipe.yaml")
+    if "precision" not in info:
+        summary = run_dir / "summary.json"
+        info["precision"] = json.loads(summary.read_text()).get("precision", "no") \
+            if summary.is_file() else "no"
+    recipe.train.mixed_precision = info["precision"]
     return recipe, info
 
 
 def _base_path(recipe: Recipe, info: dict) -> str:
     """The base model on this machine: the recipe's name first (pkg: paths move)."""
     try:
-        return resolve_model_path(recipe.model.name)
+        return resolve_model_path(recipe.model.name, recipe)
     except PeftlabError:
         return info["base_model"]
 
@@ -77,14 +93,30 @@ def attach_adapter(base, folder: Path):
                            f"{name} ({detail})") from None
 
 
+def check_weights_files(folder: Path) -> None:
+    """A truncated, empty or garbage safetensors file is a damaged run folder, not our bug:
+    its header is checked (safetensors verifies it covers the file) before any loader sees
+    it, so the user gets one line naming the file instead of a reader's traceback."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise PeftlabError(f"{path}: unreadable weights ({first}); the run folder is "
+                               f"damaged: train again or restore it") from None
+
+
 def load_trained(run_dir: str | Path, dequantize: bool = False):
     """(model in eval mode, tokenizer, recipe, info) of a finished run. dequantize=True turns
-    a quantized base into full-precision linears before the adapter goes on (for merging)."""
+    a quantized base into full-precision linears before the adapter goes on (for merging).
+    Run inference under `precision_context(info["precision"], device)`."""
     run_dir = Path(run_dir)
     recipe, info = read_run(run_dir)
     if dequantize:  # merge into fp32 weights, also when training kept the frozen base in bf16
         recipe.train.mixed_precision = "no"
     folder = run_dir / info["artifact"]
+    check_weights_files(folder)
     if info.get("task") == "causal_lm":
         return _load_causal_lm(folder, recipe, info, dequantize) + (recipe, info)
     names, pooling = info["label_names"], info["pooling"]
@@ -106,16 +138,18 @@ def load_trained(run_dir: str | Path, dequantize: bool = False):
     return model, tokenizer, recipe, info
 
 
-@torch.no_grad()
-def predict_texts(model, tokenizer, texts: list[str], max_length: int,
+@torch.inference_mode()
+def predict_texts(model, tokenizer, texts: list[str], max_length: int, precision: str = "no",
                   batch_size: int = 64) -> list[tuple[int, float]]:
-    """(label id, probability) per text, in input order."""
+    """(label id, probability) per text, in input order, in the run's precision."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start:start + batch_size], truncation=True,
                           max_length=max_length, padding=True, return_tensors="pt").to(device)
-        probs = model(**batch).logits.float().softmax(-1)
+        with precision_context(precision, device):
+            logits = model(**batch).logits
+        probs = logits.float().softmax(-1)
         best = probs.max(-1)
         out += list(zip(best.indices.tolist(), best.values.tolist()))
     return out

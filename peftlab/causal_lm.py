@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from peftlab.artifacts import INFO_FILE
+from peftlab.artifacts import write_info
 from peftlab.config import Recipe
 from peftlab.data import make_loader
 from peftlab.models import hub_kwargs, load_error, load_tokenizer, resolve_model_path
@@ -28,7 +28,9 @@ from peftlab.task import Task
 def token_losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example (summed target-token loss, target-token count), next-token shifted."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits[:, :-1].float()
+    # no KV cache in training: it is never read, and with one transformers would not keep
+    # packed examples apart
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels,
                                          ignore_index=IGNORE, reduction="none")
@@ -93,7 +95,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int,
 
 
 def prepare_causal_lm(recipe: Recipe, say) -> Task:
-    path = resolve_model_path(recipe.model.name)
+    path = resolve_model_path(recipe.model.name, recipe)
     tokenizer = load_tokenizer(path, recipe)
     data = load_sft_data(recipe, tokenizer)
     for split, info in data.report.items():
@@ -105,7 +107,8 @@ def prepare_causal_lm(recipe: Recipe, say) -> Task:
     collate = collate_sft(tokenizer.pad_token_id)
     loaders = {split: make_loader(
         ds, recipe.train.batch_size if split == "train" else recipe.eval.batch_size,
-        collate=collate, train=split == "train", seed=recipe.train.seed)
+        collate=collate, train=split == "train", seed=recipe.train.seed,
+        group_by_length=recipe.train.group_by_length)
         for split, ds in data.splits.items()}
     prompts = [str(p) for p in recipe.eval.sample_prompts] or [
         prompt_text(tokenizer, example, data.fmt) for example in data.prompts]
@@ -120,14 +123,14 @@ def prepare_causal_lm(recipe: Recipe, say) -> Task:
                 handle.write(json.dumps({"step": step, "prompt": prompt, "generation": text})
                              + "\n")
 
-    def save(unwrapped: nn.Module, run_dir: Path) -> None:
+    def save(unwrapped: nn.Module, run_dir: Path, precision: str) -> None:
         peft = recipe.strategy.kind in PEFT_KINDS
         folder = run_dir / ("adapter" if peft else "model")
         unwrapped.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        info = {"artifact": folder.name, "task": "causal_lm", "sft_format": data.fmt,
-                "base_model": path}
-        (run_dir / INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        write_info(run_dir, {"artifact": folder.name, "task": "causal_lm",
+                             "sft_format": data.fmt, "base_model": path,
+                             "precision": precision})
 
     return Task(report=report, loaders=loaders,
                 batch_loss=summed_token_loss, count_items=count_target_tokens,

@@ -105,19 +105,21 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
                                    f"recipe ({saved_path})")
 
 
-def keep_trainable_only(accelerator, model: torch.nn.Module, names: set[str]) -> None:
-    """Checkpoints hold only the weights that can change (the adapter and head of a PEFT run,
-    everything for full fine-tuning): a LoRA checkpoint of a 7B model is megabytes, and a
-    4-bit base is never re-serialised. FSDP and DeepSpeed keep their own sharded format."""
+def keep_trainable_only(accelerator, model: torch.nn.Module) -> None:
+    """Checkpoints hold only the weights that can change: what trains at that moment (the
+    adapter and head of a PEFT run, the head of a head-only run, the open groups of gradual
+    unfreezing, everything for full fine-tuning). A LoRA or head checkpoint of a 7B model is
+    megabytes, and a frozen or 4-bit base is never re-serialised: on resume it comes from the
+    base model as it did at the start. FSDP and DeepSpeed keep their own sharded format."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return
 
     def save_hook(models, weights, output_dir):
-        weights[0] = {n: p.detach() for n, p in model.named_parameters() if n in names}
+        weights[0] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_hook(models, input_dir):
         models.pop(0)  # loaded here instead of by accelerate, which expects every weight
-        load_weights(model, Path(input_dir) / MODEL_WEIGHTS, names)
+        load_weights(model, Path(input_dir) / MODEL_WEIGHTS)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -130,23 +132,26 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise PeftlabError(f"{path}: unreadable checkpoint weights ({err})") from None
 
 
-def load_weights(model: torch.nn.Module, path: Path, names: set[str]) -> None:
-    """Copy a checkpoint's weights into the model after checking names and shapes match."""
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy a checkpoint's weights into the model after checking they fit it: every weight
+    that trains now must be there (gradual unfreezing may have saved more, its groups opened
+    later), and nothing the model lacks or of another shape."""
     state = read_weights(path)
     params = dict(model.named_parameters())
-    missing, unexpected = sorted(names - state.keys()), sorted(state.keys() - names)
+    required = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = sorted(required - state.keys()), sorted(state.keys() - params.keys())
     if missing or unexpected:
         example = (missing or unexpected)[0]
         raise PeftlabError(f"{path}: weights do not match this run's model ({len(missing)} "
                            f"missing, {len(unexpected)} unexpected, e.g. {example}); it was "
                            f"written for another model or strategy")
-    for name in sorted(names):
+    for name in sorted(state):
         if state[name].shape != params[name].shape:
             raise PeftlabError(f"{path}: {name} has shape {tuple(state[name].shape)}, the "
                                f"model has {tuple(params[name].shape)}")
     with torch.no_grad():
-        for name in names:
-            params[name].copy_(state[name].to(params[name].device))
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device))
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: LoopState,

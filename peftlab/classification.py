@@ -48,10 +48,10 @@ def prepare_classification(recipe: Recipe, say) -> Task:
         hub = recipe.eval.hub_metrics if final else []
         return evaluate_split(model, loader, accelerator, data.label_names, hub)
 
-    def save(unwrapped: nn.Module, run_dir: Path) -> None:
+    def save(unwrapped: nn.Module, run_dir: Path, precision: str) -> None:
         save_trained(unwrapped, tokenizer, run_dir, pooling=pooling,
                      peft=recipe.strategy.kind in PEFT_KINDS, label_names=data.label_names,
-                     base_path=resolve_model_path(recipe.model.name))
+                     base_path=resolve_model_path(recipe.model.name, recipe), precision=precision)
 
     return Task(report=report, loaders=loaders,
                 batch_loss=summed_cross_entropy, count_items=count_examples,

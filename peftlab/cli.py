@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -106,7 +107,8 @@ def cmd_eval(args) -> int:
         loaders, evaluate = _lm_eval_loaders(recipe, tokenizer, args.data)
     else:
         loaders, evaluate = _classification_eval_loaders(recipe, tokenizer, info, args)
-    accelerator = Accelerator(cpu=recipe.train.cpu)
+    # the run's own precision: Accelerate autocasts the forward as it did in training
+    accelerator = Accelerator(cpu=recipe.train.cpu, mixed_precision=info["precision"])
     model = accelerator.prepare(model)
     results = {}
     for split, loader in loaders.items():
@@ -170,7 +172,7 @@ def cmd_predict(args) -> int:
     names = info["label_names"]
     if args.text:
         for text, (label, prob) in zip(args.text, predict_texts(
-                model, tokenizer, args.text, recipe.model.max_length)):
+                model, tokenizer, args.text, recipe.model.max_length, info["precision"])):
             print(f"{names[label]}\t{prob:.4f}\t{text}")
     if args.file:
         from peftlab.sources import read_source
@@ -181,7 +183,8 @@ def cmd_predict(args) -> int:
             raise PeftlabError(f"{args.file}: no column '{column}' (columns: "
                                f"{', '.join(map(str, table.columns))})")
         texts = table[column].fillna("").astype(str).tolist()
-        predictions = predict_texts(model, tokenizer, texts, recipe.model.max_length)
+        predictions = predict_texts(model, tokenizer, texts, recipe.model.max_length,
+                                    info["precision"])
         table["predicted_label"] = [names[label] for label, _ in predictions]
         table["probability"] = [round(prob, 6) for _, prob in predictions]
         table.to_csv(args.output, index=False)
@@ -189,26 +192,31 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _output_folder(path: str, overwrite: bool) -> Path:
-    """An output folder that is empty, or that the user allowed us to replace."""
+def _write_output(path: str, overwrite: bool, marker: str, what: str, write) -> Path:
+    """Write an output folder through `write(folder)`: refused before any work unless it is
+    empty or a peftlab output of the same kind that --overwrite may replace, and swapped in
+    only once complete, so a failed merge or convert leaves the earlier output whole."""
+    from peftlab.run_folder import check_replaceable, is_marked_output, replace_folder
     out = Path(path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PeftlabError(f"{out}: not empty; pass --overwrite or choose another folder")
+    check_replaceable(out, overwrite, lambda folder: is_marked_output(folder, marker), what)
+    replace_folder(out, write)
     return out
 
 
 def cmd_merge(args) -> int:
     from peftlab.export import merge_run
-    out = _output_folder(args.out, args.overwrite)
-    merge_run(args.run, out, args.dtype)
+    from peftlab.run_folder import MERGE_MARKER
+    out = _write_output(args.out, args.overwrite, MERGE_MARKER, "merge",
+                        lambda folder: merge_run(args.run, folder, args.dtype))
     print(f"wrote the merged model to {out}")
     return 0
 
 
 def cmd_convert(args) -> int:
     from peftlab.convert import convert_llama2c
-    out = _output_folder(args.out, args.overwrite)
-    convert_llama2c(args.model, args.tokenizer, out)
+    from peftlab.run_folder import CONVERT_MARKER
+    out = _write_output(args.out, args.overwrite, CONVERT_MARKER, "convert",
+                        lambda folder: convert_llama2c(args.model, args.tokenizer, folder))
     print(f"wrote a Hugging Face Llama folder to {out}")
     return 0
 
@@ -218,6 +226,7 @@ def _generate(args) -> int:
     (or sampled, with --temperature) generation until EOS."""
     from peftlab.artifacts import load_trained
     from peftlab.causal_lm import generate, prompt_text
+    from peftlab.hardware import precision_context
     model, tokenizer, _, info = load_trained(args.run)
     if info.get("task") != "causal_lm":
         raise PeftlabError(f"{args.run}: a classification run; use --text \"...\"")
@@ -225,7 +234,8 @@ def _generate(args) -> int:
     for prompt in args.prompt:
         shown = prompt_text(tokenizer, [{"role": "user", "content": prompt}] if chat else
                             (prompt, ""), "chat" if chat else "text")
-        print(generate(model, tokenizer, shown, args.max_new_tokens, args.temperature))
+        with precision_context(info["precision"], next(model.parameters()).device):
+            print(generate(model, tokenizer, shown, args.max_new_tokens, args.temperature))
     return 0
 
 
@@ -295,8 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_]+\.[A-Za-z_]+=")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Dotted overrides may come anywhere, also after an option
+    (`train R --output-dir X train.max_steps=5`), which argparse alone refuses."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if OVERRIDE.match(item)]
+    rest = [item for item in extra if not OVERRIDE.match(item)]
+    if rest or overrides and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides or []) + overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         _quiet_libraries()
         return args.func(args)

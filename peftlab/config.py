@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 128  # per process
     hub_metrics: list[str] = field(default_factory=list)  # extra `evaluate` hub metrics (online)
+    # hub metrics are Python scripts downloaded and run from the Hub: set true to allow it
+    trust_hub_metrics: bool = False
     sample_prompts: list[str] = field(default_factory=list)  # causal_lm: default 3 val prompts
     max_new_tokens: int = 64  # causal_lm: length of the sample generations
 
@@ -146,6 +149,10 @@ MINIMUMS = {"model.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "train.warmup_ratio": 0}
 
 
+# a boolean field also takes the words YAML 1.1 read as booleans
+BOOL_WORDS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
+
+
 def section_fields(section_type: type) -> dict[str, Any]:
     """Field name -> resolved type annotation of a recipe section."""
     hints = typing.get_type_hints(section_type)
@@ -181,6 +188,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    if tp is bool and isinstance(value, str) and value.lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.lower()]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
@@ -223,16 +232,48 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 booleans: only true/false are booleans, so the documented
+    values `no` (train.mixed_precision) or `on`/`off` stay the strings they look like."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                   re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)
+
+
+def _field_type(section: str, key: str) -> Any:
+    """The declared type of section.key, or None for a key that does not exist."""
+    section_type = section_fields(Recipe).get(section)
+    return section_fields(section_type).get(key) if section_type else None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is read as YAML."""
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003). The value is read against the field's
+    declared type: a text field takes the text as written (`train.mixed_precision=no` is
+    "no"), an optional one also takes null; anything else is read as YAML."""
     if "=" not in text:
         raise PeftlabError(f"override '{text}': expected section.key=value, e.g. train.lr=3e-4")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise PeftlabError(f"override '{text}': the key must be section.key, e.g. train.lr")
+    field_type = _field_type(*parts)
+    optional = typing.get_origin(field_type) in (typing.Union, types.UnionType) and \
+        type(None) in typing.get_args(field_type)
+    if optional and value.strip() in ("", "null", "~"):
+        return parts, None
+    if field_type is str or optional and str in typing.get_args(field_type):
+        return parts, value
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
     return parts, parsed
@@ -256,7 +297,7 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise PeftlabError(f"{path}: recipe file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         first = str(err).strip().splitlines()[0]
         raise PeftlabError(f"{path}: not valid YAML ({first})") from None
@@ -295,6 +336,10 @@ def validate(recipe: Recipe) -> None:
         raise PeftlabError(f"{where}: train.lr must be > 0, got {recipe.train.lr}")
     if recipe.train.epochs <= 0 and recipe.train.max_steps <= 0:
         raise PeftlabError(f"{where}: set train.epochs > 0 or train.max_steps > 0")
+    if recipe.eval.hub_metrics and not recipe.eval.trust_hub_metrics:
+        raise PeftlabError(f"{where}: eval.hub_metrics {recipe.eval.hub_metrics} downloads "
+                           f"and runs Python code from the Hub; set eval.trust_hub_metrics: "
+                           f"true if you trust it")
     if recipe.strategy.kind == "peft" and "peft_type" not in recipe.strategy.peft:
         raise PeftlabError(f"{where}: strategy.kind peft needs strategy.peft.peft_type "
                            f"(e.g. IA3, LOHA, VERA) and that config's fields")

@@ -7,6 +7,10 @@ is documented in ../shared/data/models/stories260K/SOURCE.md and llama2.c's expo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 
 from peftlab.errors import PeftlabError
+from peftlab.run_folder import CONVERT_MARKER
 
 HEADER = struct.Struct("<7i")
 
@@ -138,4 +143,63 @@ def convert_llama2c(model_path: str | Path, tokenizer_path: str | Path,
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / CONVERT_MARKER).write_text(json.dumps(
+        {"source": str(Path(model_path).resolve()), "format": "llama2c"}, indent=2),
+        encoding="utf-8")
     return out
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $PEFTLAB_CACHE, else $XDG_CACHE_HOME/peftlab, else
+    ~/.cache/peftlab."""
+    if os.environ.get("PEFTLAB_CACHE"):
+        return Path(os.environ["PEFTLAB_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "peftlab"
+
+
+def _tokenizer_beside(model_file: Path) -> Path:
+    """llama2.c keeps its tokenizer next to the checkpoint: tokenizer.bin, or the one tok*.bin
+    (tok512.bin for stories260K)."""
+    found = [p for p in sorted(model_file.parent.glob("tok*.bin")) if p != model_file]
+    if (model_file.parent / "tokenizer.bin").is_file():
+        found = [model_file.parent / "tokenizer.bin"]
+    if len(found) != 1:
+        raise PeftlabError(f"model.name llama2c:{model_file}: expected one tokenizer.bin or "
+                           f"tok*.bin beside it, found {len(found)}")
+    return found[0]
+
+
+def llama2c_model_folder(spec: str, recipe=None) -> str:
+    """`model.name: llama2c:PATH.bin` -> a Hugging Face folder converted on first use and
+    cached by the checkpoint's and tokenizer's content, so a recipe names the llama2.c files
+    directly and no convert step comes first. PATH resolves like a data path ($PEFTLAB_DATA,
+    then the recipe's folder, then the working directory)."""
+    from peftlab.config import resolve_data_path
+    model_file = Path(resolve_data_path(spec, recipe) if recipe is not None else spec)
+    if not model_file.is_file():
+        raise PeftlabError(f"model.name llama2c:{spec}: checkpoint file not found (relative "
+                           f"paths resolve against $PEFTLAB_DATA when set, else the recipe's "
+                           f"folder)")
+    tokenizer_file = _tokenizer_beside(model_file)
+    digest = hashlib.sha256()
+    for path in (model_file, tokenizer_file):
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    folder = cache_root() / "llama2c" / f"{model_file.stem}-{digest.hexdigest()[:16]}"
+    if (folder / CONVERT_MARKER).is_file():
+        return str(folder)
+    # each process converts into its own folder and renames it into place: two ranks
+    # starting together never see a half-written cache
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    try:
+        convert_llama2c(model_file, tokenizer_file, partial)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(partial, folder)
+    except OSError:
+        if not (folder / CONVERT_MARKER).is_file():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(folder)

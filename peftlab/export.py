@@ -8,13 +8,13 @@ there re-quantizes the sum and is known upstream to corrupt outputs.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from peftlab.artifacts import load_trained, read_run
 from peftlab.errors import PeftlabError
+from peftlab.run_folder import MERGE_MARKER
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
@@ -30,11 +30,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") 
     model, tokenizer, _, _ = load_trained(run_dir, dequantize=True)
     merged = model.merge_and_unload()
     merged = merged.to(getattr(torch, dtype))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "peftlab_merge.json").write_text(json.dumps(
+    (out_dir / MERGE_MARKER).write_text(json.dumps(
         {"run": str(run_dir.resolve()), "base_model": info["base_model"], "dtype": dtype},
         indent=2), encoding="utf-8")
     return out_dir

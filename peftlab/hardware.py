@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -16,9 +17,19 @@ def resolve_precision(value: str, use_cpu: bool) -> str:
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
+# "1" makes `auto` precision act as on a CPU with native bf16, "0" as on one without: the
+# bf16 path is then exercised (emulated: slower, but the same numbers) on any host, and a
+# bf16 host can run what a host without it runs
+FORCE_CPU_BF16 = "PEFTLAB_CPU_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: without them CPU bf16 is emulated, measured 2.7x slower than fp32
-    on 2048^3 matmuls here (44 vs 118 GFLOP/s), although oneDNN reports bf16 as supported."""
+    on 2048^3 matmuls here (44 vs 118 GFLOP/s), although oneDNN reports bf16 as supported.
+    PEFTLAB_CPU_BF16=1/0 overrides the detection."""
+    forced = os.environ.get(FORCE_CPU_BF16, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -41,6 +52,17 @@ def return_freed_memory_to_os() -> None:
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def precision_context(precision: str, device: torch.device | str):
+    """Autocast as Accelerate applies it in training, for inference outside the loop: a run
+    trained in bf16 keeps its frozen base in bf16 and its head in fp32, and only autocast
+    makes the two meet in a matmul (and gives the numbers the run measured)."""
+    from contextlib import nullcontext
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtypes[precision])
 
 
 def peak_reserved_mb(device: torch.device) -> float | None:

@@ -65,6 +65,17 @@ def evaluate_split(model, loader, accelerator, label_names: list[str],
     return result
 
 
+# metrics where a smaller value is the better model; every other metric grows with quality
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    """Whether `value` of `metric` improves on `best` (None: nothing to beat yet)."""
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
 SUMMARY_KEYS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_weighted", "loss",
                 "perplexity")
 

@@ -7,7 +7,6 @@ config.json. The memory planner and the benchmark's FLOP utilisation both read t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +48,7 @@ def load_config(recipe: Recipe):
     from transformers import AutoConfig
 
     from peftlab.models import hub_kwargs, resolve_model_path
-    return AutoConfig.from_pretrained(resolve_model_path(recipe.model.name), **hub_kwargs(recipe))
+    return AutoConfig.from_pretrained(resolve_model_path(recipe.model.name, recipe), **hub_kwargs(recipe))
 
 
 def meta_model(config, causal: bool, num_labels: int = 2) -> nn.Module:
@@ -77,9 +76,9 @@ def shape_of(recipe: Recipe, config=None) -> ModelShape:
     heads_params = sum(p.numel() for name in ([] if causal else head_names(model))
                        for p in getattr(model, name).parameters())
     output = model.get_output_embeddings() if causal else None
-    regex = recipe.strategy.target_modules or default_target_modules(model)
-    targets = [(m.weight.shape[1], m.weight.shape[0]) for name, m in model.named_modules()
-               if _is_linear(m) and _matches(regex, name)]
+    wanted = recipe.strategy.target_modules or default_target_modules(model)
+    targets = [_fans(m) for name, m in model.named_modules()
+               if _is_linear(m) and _matches(wanted, name)]
     return ModelShape(
         hidden=hidden, layers=len(layers), heads=heads, kv_dim=kv_heads * head_dim,
         intermediate=_first(config, "intermediate_size", "n_inner", default=4 * hidden) or
@@ -100,10 +99,15 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _matches(regex: str | list[str], name: str) -> bool:
-    if isinstance(regex, list):
-        return any(name == t or name.endswith("." + t) for t in regex)
-    return re.fullmatch(regex, name) is not None
+def _fans(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features: nn.Linear stores (out, in), GPT-2's Conv1D (in, out)."""
+    rows, cols = module.weight.shape
+    return (rows, cols) if type(module).__name__ == "Conv1D" else (cols, rows)
+
+
+def _matches(targets: list[str], name: str) -> bool:
+    """peft's rule for a list of target names: the full name, or its last dotted parts."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def lora_params(shape: ModelShape, rank: int, dora: bool) -> int:

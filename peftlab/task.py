@@ -27,8 +27,9 @@ class Task:
     count_items: Callable[[dict], torch.Tensor]
     # (model, loader, accelerator, final) -> metrics dict of one split (`final`: add details)
     evaluate: Callable[..., dict]
-    # (unwrapped model, run folder) -> writes the trained weights; main process only
-    save: Callable[[nn.Module, Path], None]
+    # (unwrapped model, run folder, precision trained in) -> writes the trained weights and
+    # peftlab.json; main process only
+    save: Callable[[nn.Module, Path, str], None]
     default_metric: str  # metric_for_best when the recipe says auto
     history_keys: tuple[str, ...]  # eval metrics kept in summary.json's history
     summary: dict = field(default_factory=dict)  # task facts for summary.json

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -45,15 +46,19 @@ from peftlab.hardware import (
     resolve_precision,
     return_freed_memory_to_os,
 )
-from peftlab.metrics import format_metrics
+from peftlab.metrics import format_metrics, is_better
 from peftlab.optimizers import DEFAULT_LR, build_optimizer
 from peftlab.run_folder import check_run_dir, prepare_run_folder, resolve_run_dir
-from peftlab.strategies import PEFT_KINDS, StrategyReport, open_groups
+from peftlab.strategies import StrategyReport, open_groups
 from peftlab.task import Task, micro_batch_groups
 
 
-def _trainable_snapshot(model, names: set[str]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if n in names}
+def _trainable_snapshot(model, known: dict | None = None) -> dict[str, torch.Tensor]:
+    """A copy of what can change: the weights that train now. A 7B head-only run copies its
+    head, not 7B weights. `known` entries are kept, not copied again (see _unfreeze)."""
+    known = known or {}
+    return known | {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                    if p.requires_grad and n not in known}
 
 
 def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
@@ -63,21 +68,19 @@ def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
                 param.copy_(snapshot[name].to(param.device))
 
 
-def _is_better(value: float, best: float | None, metric: str) -> bool:
-    if best is None:
-        return True
-    return value < best if "loss" in metric else value > best
-
-
-def _unfreeze(report: StrategyReport, recipe: Recipe, step: int, epoch: int, opened: int) -> int:
+def _groups_open(report: StrategyReport, recipe: Recipe, step: int, epoch: int) -> int:
     """Gradual unfreezing: one more layer group every K steps, or each epoch when K = 0."""
-    if not report.groups:
-        return opened
     every = recipe.strategy.unfreeze_every_steps
-    want = min(1 + (step // every if every else epoch), len(report.groups))
-    if want != opened:
-        open_groups(report.groups, want)
-    return want
+    return min(1 + (step // every if every else epoch), len(report.groups))
+
+
+def resume_command(run_dir, processes: int) -> str:
+    """A command that continues this run as printed, from the same directory: the run's own
+    saved recipe names its folder, whatever --output-dir or overrides started it."""
+    recipe = shlex.quote(str(run_dir / "recipe.yaml"))
+    launcher = "peftlab" if processes == 1 else \
+        f"accelerate launch <the same {processes}-process options> -m peftlab"
+    return f"{launcher} train {recipe} --resume latest"
 
 
 def _tracker_config(recipe: Recipe) -> dict:
@@ -131,7 +134,11 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     precision = resolve_precision(cfg.mixed_precision, cfg.cpu)
     # accumulation is done here, not by Accelerate, so the loss can be normalised by the
     # items (examples or target tokens) of the whole step across micro-batches and processes
-    accelerator = Accelerator(mixed_precision=precision, cpu=cfg.cpu,
+    # gradual: groups open after DDP wrapped the model, so every group is registered (all
+    # trainable at prepare) and each step's frozen ones are found unused instead of awaited
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
+        if kind == "gradual" else []
+    accelerator = Accelerator(mixed_precision=precision, cpu=cfg.cpu, kwargs_handlers=handlers,
                               log_with="tensorboard" if recipe.output.tensorboard else None,
                               project_dir=str(run_dir),
                               # one scheduler step per optimizer step, whatever the processes
@@ -154,8 +161,13 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         prepare_run_folder(run_dir, overwrite, recipe, accelerator)
 
     optimizer = build_optimizer(report.model, recipe, report.head_names)
+    if report.groups:  # gradual: DDP syncs only what requires grad when it wraps the model
+        open_groups(report.groups, len(report.groups))
     model, optimizer, *prepared = accelerator.prepare(report.model, optimizer,
                                                       *task.loaders.values())
+    opened = 1
+    if report.groups:
+        open_groups(report.groups, opened)
     loaders = dict(zip(task.loaders, prepared))
     updates_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * updates_per_epoch)
@@ -164,9 +176,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
                               num_training_steps=total_steps)
     scheduler = accelerator.prepare(scheduler)  # so save_state/load_state include it
     unwrapped = accelerator.unwrap_model(model)
-    snapshot_names = {n for n, p in unwrapped.named_parameters()
-                      if p.requires_grad or kind not in PEFT_KINDS}
-    keep_trainable_only(accelerator, unwrapped, snapshot_names)
+    keep_trainable_only(accelerator, unwrapped)
     state, best_state = LoopState(processes=accelerator.num_processes), None
     if checkpoint:
         state, best_state = load_checkpoint(accelerator, checkpoint)
@@ -191,7 +201,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     # before a checkpoint, so a bad step never reaches disk and costs no per-step sync
     nonfinite = torch.zeros((), device=device)
     last_checkpoint, saved_step = checkpoint, None
-    checked_step, opened = state.step, 1
+    checked_step = state.step
     # throughput counts only what this process did (a resumed run continues the totals)
     samples_at_start, padded_at_start = state.samples, state.padded_tokens
     bar = tqdm(total=total_steps, initial=state.step, dynamic_ncols=True, mininterval=1.0,
@@ -216,15 +226,27 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         if metric not in result:
             raise PeftlabError(f"train.metric_for_best: '{metric}' is not a metric of this "
                                f"task; choose from {', '.join(task.history_keys)}")
-        if _is_better(result[metric], state.best, metric):
+        if is_better(result[metric], state.best, metric):
             state.best, state.best_step, state.stale = result[metric], state.step, 0
-            best_state = _trainable_snapshot(unwrapped, snapshot_names)
+            best_state = _trainable_snapshot(unwrapped)
         else:
             state.stale += 1
             if cfg.early_stopping_patience and state.stale >= cfg.early_stopping_patience:
                 say(f"early stopping at step {state.step}: no {metric} gain in "
                     f"{state.stale} evaluations")
                 state.stopped = True
+
+    def unfreeze() -> None:
+        """Open the groups due by now. A group opening after the best evaluation still had,
+        at that evaluation, the values it has now: they join the best snapshot, so restoring
+        it gives back the whole model as it was then, while only what opened is copied."""
+        nonlocal opened, best_state
+        want = _groups_open(report, recipe, state.step, state.epoch) if report.groups else 0
+        if want > opened:
+            open_groups(report.groups, want)
+            opened = want
+            if best_state is not None:
+                best_state = _trainable_snapshot(unwrapped, best_state)
 
     def check_finite(flag: float | None = None) -> None:
         nonlocal checked_step
@@ -269,9 +291,9 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
             return
         checkpoint_now()
         accelerator.end_training()
-        saved = (f"checkpoint {last_checkpoint}; continue with `peftlab train "
-                 f"{recipe.source or 'RECIPE'} --resume latest`" if cfg.keep_checkpoints
-                 else "no checkpoint (train.keep_checkpoints is 0)")
+        saved = (f"checkpoint {last_checkpoint}; continue with "
+                 f"`{resume_command(run_dir, accelerator.num_processes)}`"
+                 if cfg.keep_checkpoints else "no checkpoint (train.keep_checkpoints is 0)")
         raise RunInterrupted(f"interrupted at step {state.step}: {saved}")
 
     if cfg.eval_at_start and checkpoint is None:
@@ -279,7 +301,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     with StopRequests() as stops:
         try:
             while not state.stopped and state.step < total_steps:
-                opened = _unfreeze(report, recipe, state.step, state.epoch, opened)
+                unfreeze()
                 model.train()
                 loaders["train"].set_epoch(state.epoch)  # epoch e's order depends on e only
                 batches = loaders["train"]
@@ -315,7 +337,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
                     state.batches_in_epoch += len(group)
                     step_times.append(time.perf_counter() - tick)
                     bar.update(1)
-                    opened = _unfreeze(report, recipe, state.step, state.epoch, opened)
+                    unfreeze()
                     if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
                         log_loss()
                     if (cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0
@@ -376,7 +398,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        task.save(unwrapped, run_dir)
+        task.save(unwrapped, run_dir, precision)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.end_training()
