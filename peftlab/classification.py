@@ -10,7 +10,14 @@ from transformers import DataCollatorWithPadding
 
 from peftlab.artifacts import save_trained
 from peftlab.config import Recipe
-from peftlab.data import format_report, load_labelled_data, make_loader, tokenize_splits
+from peftlab.data import (
+    format_report,
+    format_unknown_tokens,
+    load_labelled_data,
+    make_loader,
+    tokenize_splits,
+    unknown_token_rate,
+)
 from peftlab.metrics import evaluate_split
 from peftlab.models import load_classifier, resolve_model_path
 from peftlab.strategies import PEFT_KINDS, apply_strategy
@@ -36,6 +43,9 @@ def prepare_classification(recipe: Recipe, say) -> Task:
     report = apply_strategy(model, recipe)
     say(f"strategy {recipe.strategy.kind} (pooling {pooling}): {report.describe()}")
     tokenized = tokenize_splits(data.splits, tokenizer, recipe.model.max_length)
+    if unknown := format_unknown_tokens(unknown_token_rate(tokenized["train"], tokenizer),
+                                        recipe.model.name):
+        say(unknown)
     train = recipe.train
     collate = DataCollatorWithPadding(tokenizer)
     loaders = {split: make_loader(tokenized[split],

@@ -49,9 +49,10 @@ class DataConfig:
     label_column: str = "label"  # column with int or string labels
     label_names: list[str] | None = None  # names for integer labels 0..K-1 (else "0", "1", ...)
     label_delimiter: str | None = None  # keep the label part before this (TREC "NUM:dist" -> NUM)
+    label_case: str = "keep"  # keep | lower: case-fold so "Positive" = "POSITIVE" (keep warns)
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
     max_train_samples: int | None = None  # seeded random subset of train (quick experiments)
-    max_eval_samples: int | None = None  # first N of validation and test
+    max_eval_samples: int | None = None  # seeded stratified N of validation and test
     sft_format: str = "auto"  # causal_lm rows: auto | alpaca | chat | prompt_completion | text
     packing: bool = False  # causal_lm: pack short examples into rows of model.max_length
 
@@ -135,6 +136,7 @@ CHOICES = {
     "model.compute_dtype": ("auto", "bfloat16", "float32", "float16"),
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
     "data.sft_format": ("auto", "alpaca", "chat", "prompt_completion", "text"),
+    "data.label_case": ("keep", "lower"),
     "train.metric_for_best": ("auto", "f1_macro", "accuracy", "perplexity", "f1_weighted",
                               "precision_macro", "recall_macro", "precision_weighted",
                               "recall_weighted", "loss"),
@@ -146,7 +148,7 @@ MINIMUMS = {"model.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "strategy.freeze_layers": 0, "train.max_steps": 0, "train.save_every_steps": 0,
             "train.keep_checkpoints": 0, "train.eval_every_steps": 0,
             "train.early_stopping_patience": 0, "train.max_grad_norm": 0,
-            "train.warmup_ratio": 0}
+            "train.warmup_ratio": 0, "data.max_train_samples": 0, "data.max_eval_samples": 0}
 
 
 # a boolean field also takes the words YAML 1.1 read as booleans
@@ -330,7 +332,7 @@ def validate(recipe: Recipe) -> None:
     for dotted, minimum in MINIMUMS.items():
         section, key = dotted.split(".")
         value = getattr(getattr(recipe, section), key)
-        if value < minimum:
+        if value is not None and value < minimum:  # None: the field is unset
             raise PeftlabError(f"{where}: {dotted} must be >= {minimum}, got {value}")
     if recipe.train.lr is not None and recipe.train.lr <= 0:
         raise PeftlabError(f"{where}: train.lr must be > 0, got {recipe.train.lr}")

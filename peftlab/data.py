@@ -3,6 +3,8 @@
 The order is fixed: read each source, keep the mapped columns, drop unusable rows (counted),
 map labels to ids from train, then split off whatever validation/test is missing with a
 seeded stratified split. Tokenization and batching come last and know nothing of files.
+What looks wrong but is not an error (labels differing only in case, a one-class evaluation
+split, text the tokenizer cannot read) becomes a `warning:` line of the data report.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from peftlab.errors import PeftlabError
 from peftlab.sources import pick_split, read_source
 
 SPLITS = ("train", "validation", "test")
+UNKNOWN_SAMPLE_ROWS = 2000  # train rows read to measure the unknown-token share
+UNKNOWN_WARNING = 0.05  # unknown-token share above which the data report warns
 
 
 @dataclass
 class LabelledData:
-    """Clean splits with columns text, [text_pair], labels; label ids index `label_names`."""
+    """Clean splits with columns text, [text_pair], labels; label ids index `label_names`.
+    `report` holds per-split counts and a "warnings" list of lines for format_report."""
 
     splits: datasets.DatasetDict
     label_names: list[str]
@@ -43,6 +48,21 @@ def _normalise_label(value):
             return str(int(value))
     text = str(value).strip()
     return text or None
+
+
+def _fold_case(label: str, recipe: Recipe) -> str:
+    """Under data.label_case lower, "Positive" and "POSITIVE" are one class (str.casefold)."""
+    return label.casefold() if recipe.data.label_case == "lower" else label
+
+
+def _clean_label(value, recipe: Recipe) -> str | None:
+    """A raw label as its class key: normalised, cut at data.label_delimiter, case-folded."""
+    label = _normalise_label(value)
+    if label is None:
+        return None
+    if recipe.data.label_delimiter:
+        label = label.split(recipe.data.label_delimiter)[0]
+    return _fold_case(label, recipe)
 
 
 def _check_columns(dataset: datasets.Dataset, recipe: Recipe, where: str) -> None:
@@ -68,9 +88,7 @@ def clean_split(dataset: datasets.Dataset, recipe: Recipe, where: str) -> tuple[
     for i, (text, label) in enumerate(zip(texts, raw_labels)):
         text = text.strip() if isinstance(text, str) else ""
         pair = pairs[i].strip() if pairs is not None and isinstance(pairs[i], str) else ""
-        label = _normalise_label(label)
-        if data.label_delimiter and label is not None:
-            label = label.split(data.label_delimiter)[0]
+        label = _clean_label(label, recipe)
         if not text or (pairs is not None and not pair):
             dropped["empty_text"] += 1
             continue
@@ -95,7 +113,12 @@ def label_vocabulary(train_labels: list[str], recipe: Recipe) -> list[str]:
                 raise PeftlabError(f"{recipe.source}: data.label_names has {len(names)} names but "
                                    f"train has label {bad[0]}")
             return list(names)
-        unknown = [p for p in present if p not in names]
+        folded = {_fold_case(name, recipe) for name in names}
+        if len(folded) < len(names):
+            raise PeftlabError(f"{recipe.source}: data.label_names has a class twice "
+                               f"({', '.join(names)}); under data.label_case lower, names "
+                               f"differing only in case are one class")
+        unknown = [p for p in present if p not in folded]
         if unknown:
             raise PeftlabError(f"data.train: label '{unknown[0]}' is not in data.label_names "
                                f"({', '.join(names)})")
@@ -110,12 +133,27 @@ def _labels_index_names(recipe: Recipe, labels: list[str]) -> bool:
     return bool(recipe.data.label_names) and all(label.isdigit() for label in labels)
 
 
-def _to_ids(columns: dict, names: list[str], numeric_names: bool, where: str) -> dict:
-    index = {name: i for i, name in enumerate(names)}
+def _case_warnings(train_labels: list[str]) -> list[str]:
+    """Labels that differ only in case are separate classes under label_case keep: say so."""
+    groups: dict[str, list[str]] = {}
+    for label in sorted(set(train_labels)):
+        groups.setdefault(label.casefold(), []).append(label)
+    clashes = ["/".join(f"'{label}'" for label in group) for group in groups.values()
+               if len(group) > 1]
+    if not clashes:
+        return []
+    return [(f"data.train: labels {', '.join(clashes)} differ only in case and are separate "
+             f"classes; set data.label_case: lower to merge them")]
+
+
+def _to_ids(columns: dict, names: list[str], numeric_names: bool, where: str,
+            recipe: Recipe) -> dict:
+    index = {_fold_case(name, recipe): i for i, name in enumerate(names)}
     ids = []
     for label in columns["label"]:
         key = names[int(label)] if numeric_names and label.isdigit() and int(label) < len(
             names) else label
+        key = _fold_case(key, recipe)
         if key not in index:
             raise PeftlabError(f"{where}: label '{label}' does not occur in train "
                                f"(train labels: {', '.join(names)})")
@@ -124,16 +162,16 @@ def _to_ids(columns: dict, names: list[str], numeric_names: bool, where: str) ->
     return rest | {"labels": ids}
 
 
-def stratified_split(n_rows: int, labels: list[int], fraction: float, seed: int):
-    """Indices (kept, taken) with `fraction` taken, stratified when every class has 2 rows."""
+def stratified_split(n_rows: int, labels: list[int], size: float, seed: int):
+    """Indices (kept, taken) with `size` taken (a share if float, a row count if int, as
+    sklearn's test_size), stratified when every class has 2 rows."""
     indices = list(range(n_rows))
     counts = {label: labels.count(label) for label in set(labels)}
     stratify = labels if min(counts.values()) >= 2 else None
     try:
-        return train_test_split(indices, test_size=fraction, random_state=seed,
-                                stratify=stratify)
-    except ValueError:  # too few rows per class for the requested fraction
-        return train_test_split(indices, test_size=fraction, random_state=seed)
+        return train_test_split(indices, test_size=size, random_state=seed, stratify=stratify)
+    except ValueError:  # too few rows per class for the requested size
+        return train_test_split(indices, test_size=size, random_state=seed)
 
 
 def read_splits(recipe: Recipe) -> dict[str, datasets.Dataset]:
@@ -178,13 +216,28 @@ def load_labelled_data(recipe: Recipe) -> LabelledData:
         raise PeftlabError(f"{_where(recipe, 'train')}: only one class ('{names[0]}'); "
                            f"a classifier needs two")
     numeric = _labels_index_names(recipe, columns["train"]["label"])
-    ids = {s: _to_ids(c, names, numeric, _where(recipe, s)) for s, c in columns.items()}
+    ids = {s: _to_ids(c, names, numeric, _where(recipe, s), recipe) for s, c in columns.items()}
     ids = split_missing(ids, recipe, report)
     splits = datasets.DatasetDict({s: datasets.Dataset.from_dict(c) for s, c in ids.items()})
     splits = _limit(splits, recipe)
     for split in splits:
         report.setdefault(split, {})["used"] = len(splits[split])
+    report["warnings"] = (_case_warnings(columns["train"]["label"])
+                          + _one_class_warnings(splits, names, recipe))
     return LabelledData(splits=splits, label_names=names, report=report)
+
+
+def _one_class_warnings(splits: datasets.DatasetDict, names: list[str],
+                        recipe: Recipe) -> list[str]:
+    """An evaluation split of one class scores any model that always says it as perfect."""
+    warnings = []
+    for split in ("validation", "test"):
+        present = set(splits[split]["labels"]) if split in splits else set()
+        if len(present) == 1:
+            name = names[present.pop()]
+            warnings.append(f"{_where(recipe, split)}: every row is class '{name}'; its "
+                            f"accuracy and F1 say nothing about the other classes")
+    return warnings
 
 
 def split_missing(ids: dict, recipe: Recipe, report: dict) -> dict:
@@ -220,10 +273,13 @@ def _limit(splits: datasets.DatasetDict, recipe: Recipe) -> datasets.DatasetDict
     if data.max_train_samples and len(splits["train"]) > data.max_train_samples:
         splits["train"] = splits["train"].shuffle(seed=recipe.train.seed).select(
             range(data.max_train_samples))
-    if data.max_eval_samples:
+    if data.max_eval_samples:  # stratified: a file sorted by label must not give one class
         for split in ("validation", "test"):
             if split in splits and len(splits[split]) > data.max_eval_samples:
-                splits[split] = splits[split].select(range(data.max_eval_samples))
+                labels = splits[split]["labels"]
+                _, taken = stratified_split(len(labels), labels, data.max_eval_samples,
+                                            recipe.train.seed)
+                splits[split] = splits[split].select(sorted(taken))  # keep the file's order
     return splits
 
 
@@ -241,6 +297,7 @@ def format_report(data: LabelledData) -> str:
                             if k in ("empty_text", "missing_label") and v)
         lines.append(f"{split}: {info['rows']} rows read, {info['used']} used"
                      + (f" (dropped: {dropped})" if dropped else ""))
+    lines += [f"warning: {warning}" for warning in data.report.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -253,6 +310,37 @@ def tokenize_splits(splits: datasets.DatasetDict, tokenizer, max_length: int):
     columns = next(iter(splits.values())).column_names
     drop = [c for c in ("text", "text_pair") if c in columns]
     return splits.map(encode, batched=True, remove_columns=drop, desc="tokenize")
+
+
+def unknown_token_rate(tokenized_train: datasets.Dataset, tokenizer) -> float | None:
+    """Share of train tokens (special tokens aside) that are the tokenizer's unknown token.
+
+    Text outside a model's vocabulary (Chinese on an English BERT) trains on [UNK]s without
+    any error, so the data report says how much. Counted on up to UNKNOWN_SAMPLE_ROWS evenly
+    spaced rows: enough for a share, cheap on large data. None when the tokenizer has no real
+    unknown token (byte-level BPE such as GPT-2's names EOS as its unk; it never emits it).
+    """
+    unk = tokenizer.unk_token_id
+    n_rows = len(tokenized_train)
+    if unk is None or unk in (tokenizer.bos_token_id, tokenizer.eos_token_id) or not n_rows:
+        return None
+    sample = min(n_rows, UNKNOWN_SAMPLE_ROWS)
+    rows = tokenized_train.select([i * n_rows // sample for i in range(sample)])["input_ids"]
+    special = set(tokenizer.all_special_ids) - {unk}
+    tokens = [token for ids in rows for token in ids if token not in special]
+    return tokens.count(unk) / len(tokens) if tokens else 0.0
+
+
+def format_unknown_tokens(rate: float | None, model_name: str) -> str:
+    """The data report's unknown-token line, and a warning when the share is high."""
+    if rate is None:
+        return ""
+    line = f"train: {rate:.1%} of tokens are unknown to the tokenizer"
+    if rate > UNKNOWN_WARNING:
+        line += (f"\nwarning: {rate:.0%} of the train tokens are unknown to {model_name}; "
+                 f"set model.name to a model whose vocabulary covers the data's language "
+                 f"and script")
+    return line
 
 
 class EpochSeededSampler(Sampler):
@@ -304,5 +392,5 @@ def load_eval_file(path: str, recipe: Recipe, label_names: list[str]) -> dataset
     if not columns["text"]:
         raise PeftlabError(f"{path}: no usable rows (empty texts or missing labels)")
     numeric = _labels_index_names(recipe, columns["label"])
-    ids = _to_ids(columns, label_names, numeric, path)
+    ids = _to_ids(columns, label_names, numeric, path, recipe)
     return datasets.DatasetDict({"eval": datasets.Dataset.from_dict(ids)})

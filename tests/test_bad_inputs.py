@@ -77,6 +77,8 @@ RECIPE_CASES = {
     "negative checkpoint period": ({"train": {"save_every_steps": -1}},
                                    ["train.save_every_steps must be >= 0"]),
     "zero batch size": ({"train": {"batch_size": 0}}, ["train.batch_size must be >= 1"]),
+    "negative eval subset": ({"data": {"max_eval_samples": -5}},
+                             ["data.max_eval_samples must be >= 0"]),
     "peft without its type": ({"strategy": {"kind": "peft", "peft": {"r": 4}}},
                               ["strategy.peft.peft_type"]),
     "unknown metric for best": ({"train": {"metric_for_best": "bleu"}},

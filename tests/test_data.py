@@ -3,10 +3,10 @@ from collections import Counter
 
 import datasets
 import pytest
-from conftest import sentiment_rows, write_rows
+from conftest import sentiment_rows, write_recipe, write_rows
 
-from peftlab.config import recipe_from_dict
-from peftlab.data import load_labelled_data, make_loader, tokenize_splits
+from peftlab.config import load_recipe, recipe_from_dict
+from peftlab.data import format_report, load_labelled_data, make_loader, tokenize_splits
 from peftlab.errors import PeftlabError
 
 
@@ -164,3 +164,104 @@ def test_text_pairs_are_encoded_together(tmp_path, tiny_bert):
     first = tokenized["train"][0]
     assert first["input_ids"].count(tokenizer.sep_token_id) == 2
     assert set(first["token_type_ids"]) == {0, 1}
+
+
+SPELLINGS = ["Positive", "positive", " POSITIVE", "Negative", "negative", "NEGATIVE "]
+
+
+def spelled_rows(n):
+    """Sentiment rows whose labels come in six spellings of two classes."""
+    rows = sentiment_rows(n)
+    for i, row in enumerate(rows):
+        row["label"] = SPELLINGS[(i % 3) + (0 if row["label"] == "pos" else 3)]
+    return rows
+
+
+def test_labels_differing_only_in_case_are_warned_under_keep(tmp_path):
+    path = write_rows(tmp_path / "d.csv", spelled_rows(120))
+    data = load_labelled_data(recipe_for(path))
+    assert len(data.label_names) == 6
+    warnings = [line for line in format_report(data).splitlines()
+                if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert all(name in warnings[0] for name in ("Positive", "positive", "POSITIVE"))
+    assert "data.label_case: lower" in warnings[0]
+
+
+def test_label_case_lower_folds_labels_in_every_split(tmp_path):
+    train = write_rows(tmp_path / "train.csv", spelled_rows(120))
+    val = write_rows(tmp_path / "val.csv", [{"text": "good film", "label": "POSITIVE"},
+                                            {"text": "bad film", "label": " negative"}])
+    data = load_labelled_data(recipe_for(train, validation=str(val), label_case="lower"))
+    assert data.label_names == ["negative", "positive"]
+    assert data.splits["validation"]["labels"] == [1, 0]
+    assert "warning:" not in format_report(data)
+
+
+def test_label_case_lower_matches_label_names_case_folded(tmp_path):
+    path = write_rows(tmp_path / "d.csv", spelled_rows(60))
+    data = load_labelled_data(recipe_for(path, label_case="lower",
+                                         label_names=["Negative", "Positive"]))
+    assert data.label_names == ["Negative", "Positive"]
+    by_text = {r["text"]: r["label"] for r in spelled_rows(60)}
+    assert all(data.label_names[i].lower() == by_text[t].strip().lower()
+               for t, i in zip(data.splits["train"]["text"], data.splits["train"]["labels"]))
+
+
+def test_max_eval_samples_is_a_seeded_stratified_subset(tmp_path):
+    train = write_rows(tmp_path / "train.csv", sentiment_rows(100))
+    ordered = sorted(sentiment_rows(200, seed=5), key=lambda r: r["label"])
+    val = write_rows(tmp_path / "val.csv", ordered)
+    recipe = recipe_for(train, validation=str(val), max_eval_samples=20)
+    first, again = load_labelled_data(recipe), load_labelled_data(recipe)
+    assert Counter(first.splits["validation"]["labels"]) == {0: 10, 1: 10}
+    assert first.splits["validation"]["text"] == again.splits["validation"]["text"]
+    position = {r["text"]: i for i, r in enumerate(ordered)}
+    kept = [position[t] for t in first.splits["validation"]["text"]]
+    assert kept == sorted(kept)  # the file's order is kept
+    other = load_labelled_data(recipe_from_dict({
+        "data": {"train": str(train), "validation": str(val), "max_eval_samples": 20},
+        "train": {"seed": 7}}))
+    assert other.splits["validation"]["text"] != first.splits["validation"]["text"]
+
+
+def test_single_class_eval_split_is_warned(tmp_path):
+    train = write_rows(tmp_path / "train.csv", sentiment_rows(100))
+    val = write_rows(tmp_path / "val.csv", [r for r in sentiment_rows(40) if r["label"] == "pos"])
+    report = format_report(load_labelled_data(recipe_for(train, validation=str(val))))
+    warnings = [line for line in report.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "validation" in warnings[0] and "pos" in warnings[0]
+
+
+def foreign_rows(n):
+    """Rows of three words the tiny tokenizer does not know and one it does: 75% unknown."""
+    rows = sentiment_rows(n)
+    for row in rows:
+        row["text"] = " ".join(["zorp", "quix", "blat"] + row["text"].split()[:1])
+    return rows
+
+
+def test_unknown_token_rate(tmp_path, tiny_bert):
+    from transformers import AutoTokenizer
+
+    from peftlab.data import unknown_token_rate
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    for rows, low, high in ((sentiment_rows(100), 0.0, 0.0), (foreign_rows(100), 0.7, 0.8)):
+        data = load_labelled_data(recipe_for(write_rows(tmp_path / "d.csv", rows)))
+        tokenized = tokenize_splits(data.splits, tokenizer, max_length=32)
+        assert low <= unknown_token_rate(tokenized["train"], tokenizer) <= high
+
+
+def test_unknown_tokens_are_reported_before_training(tmp_path, tiny_bert):
+    from peftlab.classification import prepare_classification
+    for rows, warned in ((sentiment_rows(100), False), (foreign_rows(100), True)):
+        path = write_recipe(tmp_path / "r.yaml", tiny_bert,
+                            write_rows(tmp_path / "d.csv", rows))
+        said = []
+        prepare_classification(load_recipe(path), said.append)
+        lines = "\n".join(said).splitlines()
+        assert any(line.startswith("train: ") and "% of tokens are unknown" in line
+                   for line in lines)
+        warnings = [line for line in lines if line.startswith("warning:")]
+        assert bool(warnings) == warned
+        assert not warned or str(tiny_bert) in warnings[0]

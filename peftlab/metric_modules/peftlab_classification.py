@@ -2,6 +2,8 @@
 
 `evaluate.load("accuracy")` fetches its script from the Hub and fails offline, so peftlab
 ships this one and loads it by path. It returns every number the metrics.json promises.
+Averages cover the classes present in the split (gold or predicted); the per-class report and
+the confusion matrix list every class, absent ones with support 0.
 """
 
 import datasets
@@ -32,8 +34,10 @@ class PeftlabClassification(evaluate.Metric):
         names = list(label_names) if label_names else [str(i) for i in ids]
         result = {"accuracy": float(accuracy_score(references, predictions))}
         for average in ("macro", "weighted"):
+            # labels=None: average over the classes in this split's gold labels or predictions,
+            # so a class the split lacks entirely is not a 0 that drags the mean down
             p, r, f, _ = precision_recall_fscore_support(
-                references, predictions, labels=ids, average=average, zero_division=0)
+                references, predictions, labels=None, average=average, zero_division=0)
             result |= {f"precision_{average}": float(p), f"recall_{average}": float(r),
                        f"f1_{average}": float(f)}
         report = classification_report(references, predictions, labels=ids, target_names=names,
