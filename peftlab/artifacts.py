@@ -19,7 +19,8 @@ from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
 from peftlab.hardware import precision_context
 from peftlab.models import build_classifier, load_tokenizer, resolve_model_path
-from peftlab.quantization import dequantize_linears
+from peftlab.fused_lora import use_fused_lora
+from peftlab.quantization import dequantize_linears, quantization_kind
 
 INFO_FILE = "peftlab.json"
 HEAD_FILE = "classifier.safetensors"
@@ -78,12 +79,18 @@ def _base_path(recipe: Recipe, info: dict) -> str:
         return info["base_model"]
 
 
-def attach_adapter(base, folder: Path):
+def attach_adapter(base, folder: Path, recipe: Recipe):
     """PeftModel.from_pretrained, with a one-line error when the adapter was trained on a
-    base of other shapes (the recipe's model was swapped or moved) instead of a traceback."""
-    from peft import PeftModel
+    base of other shapes (the recipe's model was swapped or moved) instead of a traceback.
+    LoRA loads into the fused layer it trained with (strategies._lora_config), so a bf16
+    run predicts what it measured, not the same sum rounded in another order."""
+    from peft import PeftConfig, PeftModel
+    config = PeftConfig.from_pretrained(folder)
+    if getattr(config, "peft_type", None) == "LORA" and not config.use_dora and \
+            quantization_kind(recipe) == "none":
+        use_fused_lora(config)
     try:
-        return PeftModel.from_pretrained(base, folder)
+        return PeftModel.from_pretrained(base, folder, config=config)
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
@@ -127,9 +134,9 @@ def load_trained(run_dir: str | Path, dequantize: bool = False):
         if dequantize:
             dequantize_linears(model)
         if pooling == "mean":
-            model.backbone = attach_adapter(model.backbone, folder)
+            model.backbone = attach_adapter(model.backbone, folder, recipe)
         else:
-            model = attach_adapter(model, folder)
+            model = attach_adapter(model, folder, recipe)
     else:
         model = build_classifier(str(folder), pooling, names, recipe, tokenizer.pad_token_id)
     if pooling == "mean":
@@ -162,7 +169,7 @@ def _load_causal_lm(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
         base = load_causal_lm(_base_path(recipe, info), recipe)
         if dequantize:
             dequantize_linears(base)
-        model = attach_adapter(base, folder)
+        model = attach_adapter(base, folder, recipe)
     else:
         model = load_causal_lm(str(folder), recipe)
     return model.eval(), tokenizer

@@ -186,6 +186,20 @@ def apply_dora(model: nn.Module, recipe: Recipe) -> nn.Module:
     return _wrap_peft(model, _lora_config(model, recipe, use_dora=True))
 
 
+def _name_feedforward_modules(peft_config, model: nn.Module) -> None:
+    """IA3 scales the inputs of its feed-forward targets, which must be a subset of the
+    targets. With our full target names, its short per-architecture defaults ("output.dense")
+    would fail that check when the adapter is loaded again: name them in full too."""
+    if not hasattr(peft_config, "feedforward_modules"):
+        return
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as DEFAULTS
+    wanted = peft_config.feedforward_modules or DEFAULTS.get(model.config.model_type, [])
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    peft_config.feedforward_modules = [
+        name for name in peft_config.target_modules
+        if any(name == short or name.endswith("." + short) for short in wanted)]
+
+
 def apply_peft(model: nn.Module, recipe: Recipe) -> nn.Module:
     """Any peft method from its config fields, e.g. {peft_type: IA3, target_modules: [...]}."""
     from peft import get_peft_config
@@ -199,6 +213,7 @@ def apply_peft(model: nn.Module, recipe: Recipe) -> nn.Module:
         raise PeftlabError(f"strategy.peft: not a valid peft config ({err})") from None
     if hasattr(peft_config, "target_modules") and not peft_config.target_modules:
         peft_config.target_modules = default_target_modules(model)
+        _name_feedforward_modules(peft_config, model)
     try:
         return _wrap_peft(model, peft_config)
     except (ValueError, TypeError) as err:

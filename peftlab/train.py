@@ -114,7 +114,8 @@ TASKS = {"classification": prepare_classification, "causal_lm": prepare_causal_l
 
 def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         resume: str | None = None) -> dict:
-    """Train, evaluate and save one run; returns the metrics and the run summary.
+    """Train, evaluate and save one run; returns the metrics, the run summary, the run folder
+    and the trained model (best weights restored) as it was evaluated.
 
     `resume` ("latest" or a checkpoint folder) continues an interrupted run where its last
     checkpoint left it: same weights, optimizer, schedule, data position and random streams,
@@ -404,4 +405,4 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     accelerator.end_training()
     say(f"run folder: {run_dir}  ({train_seconds:.1f}s training, "
         f"peak memory {summary['peak_memory_mb']:.0f} MB)")
-    return {"metrics": metrics, "summary": summary, "run_dir": str(run_dir)}
+    return {"metrics": metrics, "summary": summary, "run_dir": str(run_dir), "model": unwrapped}
