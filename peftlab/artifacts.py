@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
+from peftlab.fused_lora import use_fused_lora
 from peftlab.hardware import precision_context
 from peftlab.models import build_classifier, load_tokenizer, resolve_model_path
-from peftlab.fused_lora import use_fused_lora
 from peftlab.quantization import dequantize_linears, quantization_kind
 
 INFO_FILE = "peftlab.json"

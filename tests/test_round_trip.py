@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,13 +144,13 @@ def test_reloaded_run_predicts_evaluates_and_merges_like_the_trained_model(train
     result = results[strategy]
     resolved = resolve_precision(precision, use_cpu=False)
     assert result["summary"]["precision"] == resolved
-    run_dir = result["run_dir"]
-    info = json.loads(open(f"{run_dir}/peftlab.json").read())
+    run_dir = Path(result["run_dir"])
+    info = json.loads((run_dir / "peftlab.json").read_text())
     assert info["precision"] == resolved
 
     trained_labels = [label for label, _ in result["predictions"]]
     trained_probs = torch.tensor([prob for _, prob in result["predictions"]])
-    with open(f"{run_dir}/predicted.csv", newline="") as handle:
+    with open(run_dir / "predicted.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     names = info["label_names"]
     assert [names.index(row["predicted_label"]) for row in rows] == trained_labels
@@ -160,17 +161,17 @@ def test_reloaded_run_predicts_evaluates_and_merges_like_the_trained_model(train
     right = sum(a == b for a, b in zip(trained_labels, truth))
     assert right >= 0.9 * len(truth)  # it learned: the comparison is of a model that answers
 
-    again = json.loads(open(f"{run_dir}/reevaluated.json").read())
+    again = json.loads((run_dir / "reevaluated.json").read_text())
     for split in ("validation", "test"):
         assert again[split]["confusion_matrix"] == result["metrics"][split]["confusion_matrix"]
         assert again[split]["loss"] == pytest.approx(result["metrics"][split]["loss"], abs=1e-6)
 
     if strategy in MERGEABLE:
-        merged = torch.tensor(json.loads(open(f"{run_dir}/merged.json").read()))
+        merged = torch.tensor(json.loads((run_dir / "merged.json").read_text()))
         # merged into fp32 weights: exact for a run that computed in fp32; a bf16 run (or a
         # 4-bit base computing in bf16) differs by the bf16 rounding of what it computed
         computed_fp32 = resolved == "no" and (
-            strategy != "qlora" or compute_dtype(load_recipe(f"{run_dir}/recipe.yaml"))
+            strategy != "qlora" or compute_dtype(load_recipe(run_dir / "recipe.yaml"))
             == torch.float32)
         tolerance = 1e-5 if computed_fp32 else 0.03
         merged_probs = merged.gather(1, torch.tensor(trained_labels)[:, None]).squeeze(1)
