@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from peftlab.artifacts import write_info
+from peftlab.batches import make_loader
 from peftlab.config import Recipe
-from peftlab.data import make_loader
 from peftlab.models import hub_kwargs, load_error, load_tokenizer, resolve_model_path
 from peftlab.quantization import guard_cpu_repacking, load_kwargs
 from peftlab.sft_data import IGNORE, collate_sft, load_sft_data

@@ -9,12 +9,12 @@ from torch import nn
 from transformers import DataCollatorWithPadding
 
 from peftlab.artifacts import save_trained
+from peftlab.batches import IGNORE, make_loader
 from peftlab.config import Recipe
 from peftlab.data import (
     format_report,
     format_unknown_tokens,
     load_labelled_data,
-    make_loader,
     tokenize_splits,
     unknown_token_rate,
 )
@@ -32,7 +32,8 @@ def summed_cross_entropy(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def count_examples(batch: dict) -> torch.Tensor:
-    return torch.tensor(batch["labels"].shape[0], device=batch["labels"].device)
+    """Examples with a label (padding examples that even out processes have none)."""
+    return (batch["labels"] != IGNORE).sum()
 
 
 def prepare_classification(recipe: Recipe, say) -> Task:

@@ -122,7 +122,8 @@ def cmd_eval(args) -> int:
 def _classification_eval_loaders(recipe, tokenizer, info, args):
     from transformers import DataCollatorWithPadding
 
-    from peftlab.data import load_eval_file, load_labelled_data, make_loader, tokenize_splits
+    from peftlab.batches import make_loader
+    from peftlab.data import load_eval_file, load_labelled_data, tokenize_splits
     from peftlab.metrics import evaluate_split
     names = info["label_names"]
     if args.data:
@@ -141,8 +142,8 @@ def _classification_eval_loaders(recipe, tokenizer, info, args):
 
 
 def _lm_eval_loaders(recipe, tokenizer, data_file: str | None):
+    from peftlab.batches import make_loader
     from peftlab.causal_lm import evaluate_lm
-    from peftlab.data import make_loader
     from peftlab.sft_data import collate_sft, load_sft_data
     if data_file:  # the run's row format and lengths, another file, scored whole
         recipe.data.train = recipe.data.validation = str(Path(data_file).resolve())

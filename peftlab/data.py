@@ -13,10 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 import datasets
-import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from peftlab.config import Recipe, resolve_data_path
 from peftlab.errors import PeftlabError
@@ -341,46 +338,6 @@ def format_unknown_tokens(rate: float | None, model_name: str) -> str:
                  f"set model.name to a model whose vocabulary covers the data's language "
                  f"and script")
     return line
-
-
-class EpochSeededSampler(Sampler):
-    """Epoch e's order depends only on (seed, e), never on how many epochs this process has
-    already iterated, so a run resumed mid-way sees the same batches as an unbroken one.
-    The training loop (and Accelerate's DataLoaderShard) call set_epoch before each pass."""
-
-    def __init__(self, inner: Sampler, generator: torch.Generator, seed: int):
-        self.inner, self.generator, self.seed, self.epoch = inner, generator, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator.manual_seed(self.seed + self.epoch)
-        return iter(self.inner)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-
-def make_loader(dataset: datasets.Dataset, batch_size: int, *, collate, train: bool,
-                seed: int, group_by_length: bool = False) -> DataLoader:
-    """Train order is seeded per epoch (optionally length-grouped); eval order is fixed.
-    `collate` pads each batch to its longest member. The loader has its own generator, so
-    starting an iteration never draws from the global RNG that dropout uses: a resumed run
-    and an unbroken one see the same dropout masks."""
-    generator = torch.Generator().manual_seed(seed)
-    sampler: Sampler
-    if train and group_by_length:
-        lengths = [len(ids) for ids in dataset["input_ids"]]
-        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
-    elif train:
-        sampler = RandomSampler(dataset, generator=generator)
-    else:
-        sampler = SequentialSampler(dataset)
-    if train:
-        sampler = EpochSeededSampler(sampler, generator, seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      drop_last=False, generator=torch.Generator().manual_seed(seed))
 
 
 def load_eval_file(path: str, recipe: Recipe, label_names: list[str]) -> datasets.DatasetDict:

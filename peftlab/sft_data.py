@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import datasets
 import torch
 
+from peftlab.batches import IGNORE
 from peftlab.config import Recipe
 from peftlab.data import read_splits
 from peftlab.errors import PeftlabError
 
-IGNORE = -100
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"

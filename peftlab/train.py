@@ -22,6 +22,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from peftlab.batches import pad_for_processes
 from peftlab.causal_lm import prepare_causal_lm
 from peftlab.checkpoints import (
     LoopState,
@@ -161,6 +162,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     if not resume:
         prepare_run_folder(run_dir, overwrite, recipe, accelerator)
 
+    task.loaders["train"] = pad_for_processes(task.loaders["train"], accelerator.num_processes)
     optimizer = build_optimizer(report.model, recipe, report.head_names)
     if report.groups:  # gradual: DDP syncs only what requires grad when it wraps the model
         open_groups(report.groups, len(report.groups))

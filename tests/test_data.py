@@ -5,8 +5,9 @@ import datasets
 import pytest
 from conftest import sentiment_rows, write_recipe, write_rows
 
+from peftlab.batches import make_loader
 from peftlab.config import load_recipe, recipe_from_dict
-from peftlab.data import format_report, load_labelled_data, make_loader, tokenize_splits
+from peftlab.data import format_report, load_labelled_data, tokenize_splits
 from peftlab.errors import PeftlabError
 
 

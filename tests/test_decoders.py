@@ -52,3 +52,48 @@ def test_llama_lora_classifier_pads_and_pools_the_last_token(tmp_path, tiny_llam
         together = model(**batch).logits
         alone = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("task", ["causal_lm", "classification"])
+def test_default_lora_targets_follow_peft_all_linear_and_the_planner_agrees(request, fixture,
+                                                                            kind, task):
+    """GPT-2's projections are Conv1D, not nn.Linear: peft's all-linear resolution finds
+    them (and never the output embeddings or the new head), and the planner counts exactly
+    the adapters the strategy creates."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.memory import trainable_params
+    from peftlab.model_shape import shape_of
+    path = request.getfixturevalue(fixture)
+    recipe = recipe_from_dict({"model": {"name": str(path), "task": task},
+                               "data": {"train": "x"}, "strategy": {"kind": kind},
+                               "train": {"mixed_precision": "no"}})
+    model = AutoModelForCausalLM.from_pretrained(str(path)) if task == "causal_lm" else \
+        build_classifier(str(path), "cls", ["neg", "pos"], recipe)
+    per_layer = 7 if fixture == "tiny_llama" else 4  # q,k,v,o,gate,up,down | c_attn,c_proj x2,c_fc
+    report = apply_strategy(model, recipe)
+    adapted = {n.split(".lora_A")[0] for n, _ in report.model.named_parameters()
+               if ".lora_A" in n}
+    assert len(adapted) == 2 * per_layer
+    assert not any(part in name for name in adapted for part in ("lm_head", "score"))
+    assert trainable_params(shape_of(recipe), recipe, kind) == report.trainable
+
+
+def test_ia3_with_default_targets_reloads_in_plain_peft(tmp_path, tiny_bert):
+    """Default targets are full module names; IA3's feed-forward subset must be named the
+    same way, or peft refuses the saved adapter when it loads it again."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    recipe = recipe_from_dict({"model": {"name": str(tiny_bert)}, "data": {"train": "x"},
+                               "strategy": {"kind": "peft", "peft": {"peft_type": "IA3"}},
+                               "train": {"mixed_precision": "no"}})
+    model = apply_strategy(build_classifier(str(tiny_bert), "cls", ["neg", "pos"], recipe),
+                           recipe).model
+    model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    config = reloaded.peft_config["default"]
+    assert config.feedforward_modules and config.feedforward_modules <= config.target_modules
+    assert any(name.endswith("output.dense") for name in config.feedforward_modules)
