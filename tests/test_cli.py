@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, write_rows
 
 
 def peftlab(*args, cwd=None):
@@ -31,15 +32,22 @@ def test_train_predict_eval_end_to_end(tmp_path, recipe_file, sentiment_csv):
     assert [line.split("\t")[2] for line in lines] == texts
     assert all(line.split("\t")[0] in ("neg", "pos") for line in lines)
 
+    with open(sentiment_csv, newline="") as handle:  # the data set plus the two texts
+        inputs = list(csv.DictReader(handle)) + [{"text": texts[0], "label": "pos"},
+                                                 {"text": texts[1], "label": "neg"}]
     out = tmp_path / "out.csv"
-    predicted = peftlab("predict", run_dir, "--file", sentiment_csv, "--output", out)
+    predicted = peftlab("predict", run_dir, "--file", write_rows(tmp_path / "in.csv", inputs),
+                        "--output", out)
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 400 and {"text", "label", "predicted_label", "probability"} <= set(rows[0])
-    by_text = {row["text"]: row["predicted_label"] for row in rows}
-    assert [by_text.get(t, line.split("\t")[0]) for t, line in zip(texts, lines)] == [
-        line.split("\t")[0] for line in lines]
+    assert len(rows) == 402 and {"text", "label", "predicted_label", "probability"} <= set(rows[0])
+    by_text = {row["text"]: row for row in rows}
+    for text, line in zip(texts, lines):  # a file predicts what --text predicts
+        label, probability, _ = line.split("\t")
+        assert by_text[text]["predicted_label"] == label, (text, by_text[text], line)
+        assert float(by_text[text]["probability"]) == pytest.approx(float(probability),
+                                                                    abs=1e-4)
 
     evaluated = peftlab("eval", run_dir, "--data", sentiment_csv, "--json", tmp_path / "m.json")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]

@@ -9,10 +9,12 @@ import pytest
 import torch
 from conftest import write_recipe
 
+from peftlab.causal_lm import load_causal_lm
 from peftlab.cli import main
 from peftlab.config import recipe_from_dict
 from peftlab.memory import (
     FP32,
+    element_bytes,
     estimate,
     parse_size,
     plan,
@@ -26,27 +28,46 @@ from peftlab.models import build_classifier
 from peftlab.strategies import apply_strategy
 
 
-def make_recipe(model_path, kind="lora", task="classification", **train):
+def make_recipe(model_path, kind="lora", task="classification", precision="no", **train):
+    """Precision is pinned: `auto` would follow the host (bf16 on one with AVX512-BF16)."""
     return recipe_from_dict({
         "model": {"name": str(model_path), "task": task, "max_length": 16, "pooling": "cls"},
         "data": {"train": "x.csv"},
         "strategy": {"kind": kind, "lora_r": 4, "freeze_layers": 1},
-        "train": {"batch_size": 4, **train}})
+        "train": {"batch_size": 4, "mixed_precision": precision, **train}})
 
 
-def measure_saved_bytes(model, batch) -> int:
-    """Unique storages autograd keeps for backward in one forward, parameters excluded."""
+def autocast(precision: str):
+    """What Accelerate wraps a training forward in."""
+    from contextlib import nullcontext
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def measure_saved_bytes(model, batch, precision="no") -> int:
+    """Unique storages autograd keeps for backward in one forward, parameters excluded, and
+    so are the bf16 copies autocast makes of fp32 weights (the planner counts those with the
+    weights; a linear saves its copy transposed)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for param in model.parameters():
+        weight = param.detach()
+        for layout in (weight, weight.t()) if weight.dim() == 2 else (weight,):
+            by_shape.setdefault(tuple(layout.shape), []).append(layout)
     seen: dict[int, int] = {}
+
+    def weight_copy(tensor) -> bool:
+        return any(w.dtype != tensor.dtype and torch.equal(w.to(tensor.dtype), tensor)
+                   for w in by_shape.get(tuple(tensor.shape), []))
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params and tensor.device.type != "meta":
+        if storage.data_ptr() not in params and tensor.device.type != "meta" and \
+                not weight_copy(tensor):
             seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision):
         model(**batch).logits.sum()
     return sum(seen.values())
 
@@ -78,15 +99,31 @@ def wide_bert(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("kind", ["full", "lora", "freeze", "head"])
-def test_encoder_activations_match_saved_tensors(wide_bert, kind):
-    recipe = make_recipe(wide_bert, kind)
+PRECISIONS = {"no": FP32, "bf16": 2}  # training precision -> the planner's bytes per value
+# Known planner gap, reported, not hidden: it counts every value saved under bf16 autocast at
+# 2 bytes, but on CPU LayerNorm/RMSNorm and the residual sums stay fp32 and SDPA's math path
+# keeps Q, K, V, scores and probabilities in fp32; measured 1.35-1.51x its prediction. Strict:
+# these turn red (XPASS) once the planner is fixed, so the mark is then removed.
+BF16_GAP = pytest.mark.xfail(strict=True, raises=AssertionError,
+                             reason="planner under-counts CPU bf16 activations")
+
+
+def census_cases(kinds):
+    return [pytest.param(kind, precision, marks=[BF16_GAP] if precision == "bf16" and
+                         kind != "head" else [])
+            for precision in PRECISIONS for kind in kinds]
+
+
+@pytest.mark.parametrize("kind, precision", census_cases(["full", "lora", "freeze", "head"]))
+def test_encoder_activations_match_saved_tensors(wide_bert, kind, precision):
+    recipe = make_recipe(wide_bert, kind, precision=precision)
+    assert element_bytes(recipe, "cpu") == PRECISIONS[precision]
     torch.manual_seed(0)
     model = apply_strategy(build_classifier(str(wide_bert), "cls", ["a", "b"], recipe),
                            recipe).model
     batch = {"input_ids": torch.randint(1, 100, (4, 16)),
              "attention_mask": torch.ones(4, 16, dtype=torch.long)}
-    measured = measure_saved_bytes(model, batch)
+    measured = measure_saved_bytes(model, batch, precision)
     predicted = saved_activation_bytes(shape_of(recipe), recipe, kind, 4, False)
     if kind == "head":
         assert predicted == 0 and measured < 4 * 16 * 128 * FP32 * 2  # only the head's input
@@ -94,15 +131,16 @@ def test_encoder_activations_match_saved_tensors(wide_bert, kind):
         assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
-def test_decoder_activations_match_saved_tensors(tiny_llama):
-    from transformers import AutoModelForCausalLM
-    recipe = make_recipe(tiny_llama, "full", task="causal_lm")
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+@pytest.mark.parametrize("kind, precision", census_cases(["full"]))
+def test_decoder_activations_match_saved_tensors(tiny_llama, kind, precision):
+    recipe = make_recipe(tiny_llama, kind, task="causal_lm", precision=precision)
+    assert element_bytes(recipe, "cpu") == PRECISIONS[precision]
+    model = load_causal_lm(str(tiny_llama), recipe)
     vocab = model.config.vocab_size
     batch = {"input_ids": torch.randint(1, vocab, (4, 16)),
              "labels": torch.randint(1, vocab, (4, 16))}
-    measured = measure_saved_bytes(model, batch)
-    predicted = saved_activation_bytes(shape_of(recipe), recipe, "full", 4, False)
+    measured = measure_saved_bytes(model, batch, precision)
+    predicted = saved_activation_bytes(shape_of(recipe), recipe, kind, 4, False)
     assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
 
 
@@ -122,14 +160,50 @@ def test_qlora_weights_are_smaller_than_lora(tiny_llama):
     assert weight_bytes(shape, recipe, "qlora") < weight_bytes(shape, recipe, "lora")
 
 
-def test_recommendation_shrinks_the_micro_batch_to_fit(tiny_llama):
+def budget_recipe(tiny_llama):
     recipe = make_recipe(tiny_llama, "full", task="causal_lm", batch_size=16)
     recipe.model.max_length, recipe.eval.batch_size = 64, 1  # training activations dominate
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def measured_at_4(tiny_llama) -> float:
+    """What full fine-tuning of the real tiny Llama holds at micro-batch 4, measured without
+    the planner: its parameter bytes, the gradients and AdamW states a real step creates, and
+    the activations autograd saves in a forward at 4 x 64 tokens."""
+    recipe = budget_recipe(tiny_llama)
+    model = apply_strategy(load_causal_lm(str(tiny_llama), recipe), recipe).model
+    params = {id(p): p for p in model.parameters()}.values()  # tied embeddings once
+    weights = sum(p.numel() * p.element_size() for p in params)
+    torch.manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (4, recipe.model.max_length))
+    activations = measure_saved_bytes(model, {"input_ids": ids, "labels": ids})
+    model(input_ids=ids, labels=ids).loss.backward()
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in params if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad])
+    optimizer.step()
+    states = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                 for name, t in state.items() if name != "step")
+    return weights + gradients + states + activations
+
+
+# budgets as multiples of the measured total at micro-batch 4 (see the test below)
+ROOM, TIGHT = 1.6, 0.9
+
+
+def test_recommendation_shrinks_the_micro_batch_to_fit(tiny_llama, measured_at_4):
+    """The budget is measured, not estimated, so a wrong estimate shows. With room (1.6x the
+    measured total at micro-batch 4) the planner must pick 4: its estimate of 4 fits and its
+    estimate of 8 does not; tight (0.9x) it must go lower. Today the estimates are 1.22x
+    (at 4) and 2.29x (at 8) the measured total at 4, so the planner passes while it is off by
+    -26% to +31%; one 2x too high rejects 4 with room (2.44x), one 2x too low accepts 4 when
+    tight (0.61x) and 8 with room (1.15x)."""
+    recipe = budget_recipe(tiny_llama)
     shape = shape_of(recipe)
-    at_4 = estimate(shape, recipe, "full", 4, False, 0.0).total
-    assert at_4 < estimate(shape, recipe, "full", 8, False, 0.0).total
-    fit = recommend(recipe, shape, at_4, 0.0)
-    assert (fit.kind, fit.micro_batch, fit.checkpointing) == ("full", 4, False)
+    fit = recommend(recipe, shape, ROOM * measured_at_4, 0.0)
+    assert (fit.kind, fit.micro_batch, fit.checkpointing) == ("full", 4, False), fit
+    fit = recommend(recipe, shape, TIGHT * measured_at_4, 0.0)
+    assert fit.kind == "full" and fit.micro_batch < 4, fit
     assert recommend(recipe, shape, 1.0, 0.0) is None
 
 
@@ -157,14 +231,14 @@ def test_plan_rows_for_cpu_include_the_runtime(tiny_bert):
     assert plan(recipe, "cuda", ("lora",))[0].overhead == 0
 
 
-def test_auto_batch_size_halves_until_the_estimate_fits(tiny_llama):
+def test_auto_batch_size_halves_until_the_estimate_fits(tiny_llama, measured_at_4):
+    """Measured budgets, as in test_recommendation_shrinks_the_micro_batch_to_fit."""
     from peftlab.memory import fit_micro_batch
-    recipe = make_recipe(tiny_llama, "full", task="causal_lm", batch_size=16)
-    recipe.model.max_length, recipe.eval.batch_size = 64, 1  # training activations dominate
-    shape = shape_of(recipe)
-    at_4 = estimate(shape, recipe, "full", 4, False, 0.0).total
-    assert fit_micro_batch(recipe, "cuda", budget=at_4) == 4
-    assert fit_micro_batch(recipe, "cuda", budget=at_4 * 100) == 16
+    recipe = budget_recipe(tiny_llama)
+    # "cuda": no runtime overhead in the estimate, as in the measured total (no GPU needed)
+    assert fit_micro_batch(recipe, "cuda", budget=ROOM * measured_at_4) == 4
+    assert fit_micro_batch(recipe, "cuda", budget=TIGHT * measured_at_4) < 4
+    assert fit_micro_batch(recipe, "cuda", budget=measured_at_4 * 100) == 16
     assert fit_micro_batch(recipe, "cuda", budget=1.0) == 1
 
 

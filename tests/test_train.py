@@ -60,7 +60,13 @@ def test_reload_gives_identical_predictions(lora_run):
     first = predict_texts(model, tokenizer, TEXTS, recipe.model.max_length)
     model2, tokenizer2, _, _ = load_trained(run_dir)
     assert predict_texts(model2, tokenizer2, TEXTS, recipe.model.max_length) == first
-    assert all(0.5 <= prob <= 1 for _, prob in first)
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=recipe.model.max_length,
+                      return_tensors="pt")
+    with torch.no_grad():  # each (label, probability) is the argmax and max of the softmax
+        probs = model(**batch).logits.float().softmax(-1)
+    assert [label for label, _ in first] == probs.argmax(-1).tolist()
+    assert torch.allclose(torch.tensor([prob for _, prob in first]), probs.max(-1).values,
+                          atol=1e-6)
     assert info["label_names"] == ["neg", "pos"]
 
 
