@@ -46,7 +46,7 @@ STRATEGIES = {
     "gradual": {"kind": "gradual", "unfreeze_every_steps": 10},
     "lora": {"kind": "lora", "lora_r": 4}, "dora": {"kind": "dora", "lora_r": 4},
     "qlora": {"kind": "qlora", "lora_r": 4},  # 4-bit matmuls pinned to fp32 below
-    "peft": {"kind": "peft", "peft": {"peft_type": "LOHA", "r": 4}},
+    "peft": {"kind": "peft", "peft": {"peft_type": "IA3"}},
 }
 LR = {"full": 1e-3, "freeze": 1e-3, "gradual": 1e-3, "head": 1e-2}
 
