@@ -262,3 +262,28 @@ def test_finished_run_commands_on_wrong_folders(tmp_path, capsys, finished):
     expect_error(["predict", finished, "--file", tmp_path / "in.csv"], capsys, finished,
                  "--file needs --output")
     expect_error(["merge", finished, finished], capsys, finished, "not empty")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_damaged_adapter_weights(tmp_path, capsys, finished, damage):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                         "garbage": b"not a safetensors file at all" * 10}[damage])
+    for command in (["predict", run, "--text", "a good film"], ["eval", run]):
+        expect_error(command, capsys, finished, str(weights), "unreadable weights",
+                     untouched=run)
+
+
+def test_a_missing_hub_model_is_named_as_a_local_folder_too(tmp_path, tiny_bert, sentiment_csv,
+                                                            capsys, finished, monkeypatch):
+    """A relative name that is no folder here goes to the Hub (offline here): the error says
+    both, since the usual cause is a local folder that was never made."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                          model={"name": "someone/no-such-model"})
+    expect_error(["train", recipe, "--output-dir", tmp_path / "run"], capsys, finished,
+                 "model.name someone/no-such-model: no such local folder", "Hub")
+    assert not (tmp_path / "run").exists()

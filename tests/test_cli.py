@@ -53,3 +53,22 @@ def test_train_predict_eval_end_to_end(tmp_path, recipe_file, sentiment_csv):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "eval: accuracy=" in evaluated.stdout
     assert (tmp_path / "m.json").is_file()
+
+
+def test_overrides_may_follow_options_and_bitsandbytes_stays_quiet(tmp_path, recipe_file):
+    """`train R --output-dir X key=value` works (argparse alone refuses it), and no command
+    prints bitsandbytes' import-time warning about an optional Hub kernel."""
+    import json
+    import logging
+
+    __import__("peftlab")  # sets the logger level, before anything imports bitsandbytes
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() >= \
+        logging.ERROR
+    done = peftlab("train", recipe_file, "--output-dir", tmp_path / "run", "train.max_steps=3",
+                   "train.mixed_precision=no", "--overwrite", "train.cpu=true")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["precision"] == "no"
+    assert "kernels-community" not in done.stderr + done.stdout
+    wrong = peftlab("train", recipe_file, "--output-dir", tmp_path / "x", "--colour")
+    assert wrong.returncode == 2 and "unrecognized arguments: --colour" in wrong.stderr

@@ -74,6 +74,38 @@ def test_overrides_are_type_checked(tmp_path):
         load_recipe(path, ["train.lr"])
 
 
+def test_overrides_read_against_the_field_type(tmp_path):
+    """`no`, `on`, `off` are documented text values, not YAML 1.1 booleans; a text field takes
+    the text as written, an optional one takes null, a boolean takes yes/no too."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "x.csv", "validation": "v.csv"}}))
+    recipe = load_recipe(path, ["train.mixed_precision=no", "data.text_column=123",
+                                "data.label_delimiter=:", "data.validation=null",
+                                "train.cpu=yes", "train.group_by_length=off",
+                                "model.quantization=none"])
+    assert recipe.train.mixed_precision == "no"
+    assert recipe.data.text_column == "123" and recipe.data.label_delimiter == ":"
+    assert recipe.data.validation is None
+    assert recipe.train.cpu is True and recipe.train.group_by_length is False
+    assert recipe.model.quantization == "none"
+
+
+def test_a_recipe_file_reads_no_as_text(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  train: x.csv\ntrain:\n  mixed_precision: no\n  cpu: yes\n")
+    recipe = load_recipe(path)
+    assert recipe.train.mixed_precision == "no" and recipe.train.cpu is True
+
+
+def test_hub_metrics_need_an_explicit_trust_flag():
+    """evaluate.load runs a Python script downloaded from the Hub."""
+    base = {"data": {"train": "x"}, "eval": {"hub_metrics": ["matthews_correlation"]}}
+    with pytest.raises(PeftlabError, match="eval.trust_hub_metrics"):
+        recipe_from_dict(base)
+    trusted = recipe_from_dict({**base, "eval": {**base["eval"], "trust_hub_metrics": True}})
+    assert trusted.eval.hub_metrics == ["matthews_correlation"]
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: [unclosed\n")

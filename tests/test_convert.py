@@ -111,3 +111,38 @@ def test_stories260k_sft_lowers_held_out_loss(stories, tmp_path, kind):
     reset_accelerate_state()
     history = result["summary"]["eval_history"]
     assert history[-1]["loss"] < 0.8 * history[0]["loss"], history
+
+
+def test_a_recipe_names_the_llama2c_files_and_they_are_converted_once(tmp_path, monkeypatch,
+                                                                      stories):
+    """`model.name: llama2c:models/stories260K/stories260K.bin` resolves like a data path
+    and converts into a cache keyed by the files' content: no convert step before a run."""
+    from peftlab.config import recipe_from_dict
+    from peftlab.models import resolve_model_path
+    monkeypatch.setenv("PEFTLAB_DATA", str(STORIES.parent.parent))
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    recipe = recipe_from_dict({"model": {"name": "llama2c:models/stories260K/stories260K.bin"},
+                               "data": {"train": "x.json"}})
+    folder = Path(resolve_model_path(recipe.model.name, recipe))
+    assert folder.parent == tmp_path / "cache" / "llama2c"
+    converted = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path(recipe.model.name, recipe) == str(folder)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == converted  # not again
+    reference = stories[2] / "model.safetensors"
+    from safetensors.torch import load_file
+    ours, theirs = load_file(folder / "model.safetensors"), load_file(reference)
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+
+
+def test_a_missing_llama2c_file_or_local_model_folder_is_named(tmp_path, monkeypatch):
+    from peftlab.config import recipe_from_dict
+    from peftlab.errors import PeftlabError
+    from peftlab.models import resolve_model_path
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_from_dict({"model": {"name": "llama2c:nowhere/model.bin"},
+                               "data": {"train": "x.json"}})
+    with pytest.raises(PeftlabError, match="checkpoint file not found"):
+        resolve_model_path(recipe.model.name, recipe)
+    (tmp_path / "models").mkdir()  # clearly meant locally: never sent to the hub
+    with pytest.raises(PeftlabError, match="model folder does not exist.*llama2c:"):
+        resolve_model_path("models/stories260K")

@@ -182,3 +182,64 @@ def test_eval_command_scores_a_causal_lm_run(tmp_path, tiny_llama, capsys):
     assert scored["test"]["loss"] == pytest.approx(result["metrics"]["test"]["loss"], rel=1e-4)
     assert main(["eval", str(tmp_path / "run"), "--data", str(alpaca_file(tmp_path, 10))]) == 0
     assert "eval: loss=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_packed_examples_do_not_attend_to_each_other(tiny_llama, kernel):
+    """An example packed after another gets the logits it gets alone, on every attention
+    kernel: packed batches carry no attention mask and the loss runs without a KV cache, so
+    transformers builds one causal block per example from the restarted position_ids."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.causal_lm import token_losses
+    from peftlab.sft_data import collate_sft
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=kernel).eval()
+    first = {"input_ids": [1, 10, 11, 12, 13, 14], "labels": [IGNORE, 10, 11, 12, 13, 14]}
+    second = {"input_ids": [1, 20, 21, 22, 23], "labels": [IGNORE, 20, 21, 22, 23]}
+    collate = collate_sft(pad_token_id=2)
+    packed = collate(pack([first, second], max_length=32))
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, 11)
+    alone = collate([second])
+    with torch.no_grad():
+        inputs = {k: v for k, v in packed.items() if k != "labels"}
+        packed_logits = model(**inputs, use_cache=False).logits[0, 6:]
+        alone_logits = model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0]
+        assert (packed_logits - alone_logits).abs().max() < 1e-5
+        # and the loss the loop uses: the same per-token losses, packed or not
+        packed_loss, packed_count = token_losses(model, packed)
+        loss_first, count_first = token_losses(model, collate([first]))
+        loss_second, count_second = token_losses(model, alone)
+    assert packed_count.item() == count_first.item() + count_second.item()
+    assert packed_loss.item() == pytest.approx(loss_first.item() + loss_second.item(), abs=1e-4)
+
+
+def test_max_train_samples_counts_examples_before_packing(tmp_path, tiny_llama):
+    from peftlab.models import load_tokenizer
+    from peftlab.sft_data import load_sft_data
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path, n=60),
+        model={"task": "causal_lm", "max_length": 128},
+        data={"packing": True, "max_train_samples": 7}))
+    data = load_sft_data(recipe, load_tokenizer(str(tiny_llama), recipe))
+    starts = sum(row["position_ids"].count(0) for row in data.splits["train"])
+    assert starts == 7 and data.report["train"]["used"] == 7
+    assert len(data.splits["train"]) < 7  # whole examples packed into fewer rows
+
+
+def test_perplexity_as_best_metric_keeps_the_lowest(tmp_path, tiny_llama):
+    """Lower is better for perplexity as for loss: the restored checkpoint is the one with
+    the lowest perplexity, and early stopping waits while it keeps falling."""
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path), model={"task": "causal_lm"},
+        strategy={"kind": "full"}, eval={"max_new_tokens": 1},
+        train={"epochs": 2, "batch_size": 8, "lr": 1e-2, "eval_at_start": True,
+               "eval_every_steps": 4, "metric_for_best": "perplexity",
+               "early_stopping_patience": 2}))
+    result = run(recipe, output_dir=str(tmp_path / "run"))
+    history = result["summary"]["eval_history"]
+    lowest = min(history, key=lambda point: point["perplexity"])
+    assert history[0]["perplexity"] > lowest["perplexity"] * 1.5  # it did improve
+    assert result["summary"]["best_step"] == lowest["step"]
+    assert result["summary"]["best_value"] == lowest["perplexity"]
+    assert result["metrics"]["validation"]["perplexity"] == pytest.approx(
+        lowest["perplexity"], rel=1e-6)  # the restored weights are that checkpoint's

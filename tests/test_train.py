@@ -170,3 +170,43 @@ def test_merged_model_matches_the_adapter(lora_run, tmp_path):
         assert torch.allclose(merged(**batch).logits, ours(**batch).logits, atol=1e-4)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert merged.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_head_checkpoints_and_best_snapshot_hold_only_the_head(tmp_path, tiny_bert,
+                                                               sentiment_csv):
+    """A head-only run copies its head, not the frozen body, into checkpoints and into the
+    best-weights snapshot (a 7B body would be copied at every improvement otherwise)."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                        strategy={"kind": "head"},
+                        train={"epochs": 1, "lr": 1e-2, "eval_every_steps": 5,
+                               "save_every_steps": 10, "keep_checkpoints": 5})
+    run(load_recipe(path), output_dir=str(tmp_path / "run"))
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        for name in ("model.safetensors", "best.safetensors"):
+            assert set(load_file(checkpoint / name)) == {"classifier.weight",
+                                                          "classifier.bias"}, name
+
+
+def test_gradual_restores_groups_that_opened_after_the_best_step(tmp_path, tiny_bert,
+                                                                 sentiment_csv):
+    """The best evaluation is the untrained one (step 0; then a destructive lr). Groups that
+    opened later changed after it: restoring the best weights must give them back as they
+    were at step 0, although the snapshot then held only the head."""
+    from transformers import BertModel
+    path = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+                        strategy={"kind": "gradual", "unfreeze_every_steps": 3},
+                        train={"max_steps": 12, "lr": 5.0, "warmup_ratio": 0.0,
+                               "eval_at_start": True, "eval_every_steps": 4,
+                               "metric_for_best": "loss", "keep_checkpoints": 0})
+    result = run(load_recipe(path), output_dir=str(tmp_path / "run"))
+    history = result["summary"]["eval_history"]
+    assert result["summary"]["best_step"] == 0 and history[-1]["loss"] > history[0]["loss"]
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    pretrained = BertModel.from_pretrained(tiny_bert).state_dict()
+    body = {f"bert.{name}": tensor for name, tensor in pretrained.items()
+            if f"bert.{name}" in saved}
+    assert any(".layer." in name for name in body)
+    for name, tensor in body.items():
+        assert torch.equal(saved[name], tensor), name
