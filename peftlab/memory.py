@@ -56,24 +56,37 @@ class Estimate:
 
 
 def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
-                           device: str = "cpu") -> float:
+                           device: str = "cpu", fp32_norms: bool = True) -> float:
     """Bytes one layer keeps for backward per token, from a census of the tensors autograd
-    saves (tests/test_memory.py counts them with saved-tensor hooks).
+    saves (tests/test_memory.py counts them with saved-tensor hooks, in fp32 and in bf16).
 
-    Encoder (post-norm BERT, GELU): 18h: the linear inputs, Q/K/V in two layouts, the
-    context, residual sums, norm outputs and dropout masks (kept as floats), the MLP's pre-
-    and post-GELU. Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x intermediate. With attention
-    dropout on CPU, SDPA takes its math path and keeps 3 heads x seq x seq matrices (scores,
-    mask, dropped probabilities); CUDA kernels apply dropout without materializing them.
+    fp32. Encoder (post-norm BERT, GELU): 10h + 2 x intermediate: the linear inputs, Q/K/V
+    in two layouts, the context, residual sums, norm outputs and dropout masks (kept as
+    floats), the MLP's pre- and post-GELU. Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x
+    intermediate. With attention dropout on CPU, SDPA takes its math path and keeps 3 heads x
+    seq x seq matrices (scores, mask, dropped probabilities); CUDA kernels apply dropout
+    without materializing them.
+
+    bf16 autocast (element 2) does not halve all of it. What the matmuls save is bf16
+    (encoder 7h + 2 x intermediate, decoder 7h + K/V + 4 x intermediate), but autocast keeps
+    norms in fp32, so the residual stream they read stays fp32: ~3h per encoder layer (two
+    LayerNorm inputs, and the embedding norm's share) and 5h per decoder layer (RMSNorm
+    upcasts and residual sums). A base stored in bf16 (`fp32_norms` False: a frozen LoRA,
+    DoRA or head base) has bf16 LayerNorm weights, and the encoder's stream is bf16 too. CPU
+    SDPA's math path (attention dropout on) upcasts Q, K, V to fp32 and keeps its 3 heads x
+    seq matrices in fp32; elsewhere Q, K, V stay bf16.
     """
     h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate
+    math_path = shape.attention_dropout > 0 and device == "cpu"
+    scores = 3 * shape.heads * seq_len if math_path else 0
+    if element == FP32:
+        floats = (7 * h + 2 * kv + 4 * inter) if shape.gated_mlp else (10 * h + 2 * inter)
+        return (floats + scores) * FP32
     if shape.gated_mlp:
-        floats = 7 * h + 2 * kv + 4 * inter
-    else:
-        floats = 10 * h + 2 * inter
-    if shape.attention_dropout > 0 and device == "cpu":
-        floats += 3 * shape.heads * seq_len
-    return floats * element
+        return (7 * h + 2 * kv + 4 * inter) * element + 5 * h * FP32 + scores * FP32
+    attention = 3 * h * FP32 if math_path else 3 * h * element
+    stream = 3 * h * (FP32 if fp32_norms else element)
+    return (7 * h + 2 * inter) * element + stream + attention + scores * FP32
 
 
 def trainable_params(shape: ModelShape, recipe: Recipe, kind: str) -> int:
@@ -117,25 +130,32 @@ def weight_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int = FP
     return base
 
 
+def _layer_bytes(shape: ModelShape, recipe: Recipe, kind: str, device: str) -> float:
+    """One layer's saved bytes per token for this recipe, precision and strategy."""
+    element = element_bytes(recipe, device)
+    frozen_bf16 = element == 2 and kind in FROZEN_BASE_KINDS and \
+        quantization_kind(recipe, kind) == "none"
+    return layer_activation_bytes(shape, recipe.model.max_length, element, device,
+                                  fp32_norms=not frozen_bf16)
+
+
 def activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
                      checkpointing: bool, device: str = "cpu") -> float:
     """Saved activations plus the working set of backward: while a layer runs backward the
     gradients of its saved tensors live too (a frozen body still runs one layer's forward)."""
-    tokens, element = micro_batch * recipe.model.max_length, element_bytes(recipe, device)
-    one_layer = layer_activation_bytes(shape, recipe.model.max_length, element, device)
+    tokens = micro_batch * recipe.model.max_length
+    one_layer = _layer_bytes(shape, recipe, kind, device)
     return (saved_activation_bytes(shape, recipe, kind, micro_batch, checkpointing, device) +
             one_layer * tokens)
 
 
 def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
                            checkpointing: bool, device: str = "cpu") -> float:
-    """What autograd keeps for backward. Under bf16/fp16 autocast a saved value takes 2 bytes
-    (norms and the loss stay fp32 there; counted at 2 all the same, so mixed-precision rows
-    lean low by a few %)."""
+    """What autograd keeps for backward (see layer_activation_bytes for what bf16 halves)."""
     seq, element = recipe.model.max_length, element_bytes(recipe, device)
     tokens = micro_batch * seq
     layers = trained_layers(shape, recipe, kind)
-    per_layer = layer_activation_bytes(shape, seq, element, device) * tokens
+    per_layer = _layer_bytes(shape, recipe, kind, device) * tokens
     if kind == "dora":
         # DoRA rescales every adapted output: about two more output-sized tensors per
         # adapted linear (census on MiniLM), plus the W + BA it takes column norms of
@@ -151,13 +171,12 @@ def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_b
     return kept
 
 
-def evaluation_bytes(shape: ModelShape, recipe: Recipe, trainable: int,
+def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: int,
                      device: str = "cpu") -> float:
     """An evaluation: one layer's forward temporaries at the eval batch, the logits, and (on
     CPU, where it lives) the best-weights snapshot, a copy of what trains."""
     tokens = recipe.eval.batch_size * recipe.model.max_length
-    layer = layer_activation_bytes(shape, recipe.model.max_length,
-                                   element_bytes(recipe, device), device) * tokens
+    layer = _layer_bytes(shape, recipe, kind, device) * tokens
     logits = tokens * shape.vocab * FP32 * 2 if recipe.model.task == "causal_lm" else 0
     return layer + logits + (trainable * FP32 if device == "cpu" else 0)
 
@@ -171,7 +190,7 @@ def estimate(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
                     optimizer=trainable * OPTIMIZER_BYTES[recipe.train.optimizer],
                     activations=activation_bytes(shape, recipe, kind, micro_batch,
                                                  checkpointing, device),
-                    evaluation=evaluation_bytes(shape, recipe, trainable, device),
+                    evaluation=evaluation_bytes(shape, recipe, kind, trainable, device),
                     overhead=overhead, trainable=trainable)
 
 
@@ -272,6 +291,22 @@ def fit_micro_batch(recipe: Recipe, device: str, budget: float | None = None) ->
                                  overhead, device).total > budget:
         micro //= 2
     return micro
+
+
+def fit_batch_to_memory(recipe: Recipe, device: str, say) -> None:
+    """train.auto_batch_size: a smaller micro-batch and more accumulation, same effective
+    batch, when the planner says the recipe's micro-batch would not fit free memory."""
+    cfg = recipe.train
+    if recipe.strategy.kind not in PLAN_KINDS:
+        say(f"train.auto_batch_size: cannot plan strategy '{recipe.strategy.kind}'; "
+            f"keeping micro-batch {cfg.batch_size}")
+        return
+    micro = fit_micro_batch(recipe, device)
+    if micro < cfg.batch_size:
+        cfg.grad_accum *= cfg.batch_size // micro
+        cfg.batch_size = micro
+    say(f"train.auto_batch_size: micro-batch {cfg.batch_size} x {cfg.grad_accum} accumulation "
+        f"fits free memory")
 
 
 def parse_size(text: str) -> float:

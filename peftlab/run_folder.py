@@ -12,6 +12,7 @@ link, leaving what it points to alone.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import shutil
 from pathlib import Path
 
@@ -131,3 +132,12 @@ def prepare_run_folder(run_dir: Path, overwrite: bool, recipe: Recipe, accelerat
         output = dataclasses.replace(recipe.output, dir=str(run_dir))
         save_recipe(dataclasses.replace(recipe, output=output), run_dir / RECIPE_FILE)
     accelerator.wait_for_everyone()
+
+
+def resume_command(run_dir, processes: int) -> str:
+    """A command that continues this run as printed, from the same directory: the run's own
+    saved recipe names its folder, whatever --output-dir or overrides started it."""
+    recipe = shlex.quote(str(run_dir / "recipe.yaml"))
+    launcher = "peftlab" if processes == 1 else \
+        f"accelerate launch <the same {processes}-process options> -m peftlab"
+    return f"{launcher} train {recipe} --resume latest"

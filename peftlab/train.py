@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
+import os
 import time
 from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -45,11 +45,19 @@ from peftlab.hardware import (
     peak_memory_mb,
     peak_reserved_mb,
     resolve_precision,
-    return_freed_memory_to_os,
+    set_mmap_threshold,
+    trim_heap,
 )
+from peftlab.memory import fit_batch_to_memory
 from peftlab.metrics import format_metrics, is_better
 from peftlab.optimizers import DEFAULT_LR, build_optimizer
-from peftlab.run_folder import check_run_dir, prepare_run_folder, resolve_run_dir
+from peftlab.processes import ddp_kwargs, finish_together
+from peftlab.run_folder import (
+    check_run_dir,
+    prepare_run_folder,
+    resolve_run_dir,
+    resume_command,
+)
 from peftlab.strategies import StrategyReport, open_groups
 from peftlab.task import Task, micro_batch_groups
 
@@ -75,15 +83,6 @@ def _groups_open(report: StrategyReport, recipe: Recipe, step: int, epoch: int) 
     return min(1 + (step // every if every else epoch), len(report.groups))
 
 
-def resume_command(run_dir, processes: int) -> str:
-    """A command that continues this run as printed, from the same directory: the run's own
-    saved recipe names its folder, whatever --output-dir or overrides started it."""
-    recipe = shlex.quote(str(run_dir / "recipe.yaml"))
-    launcher = "peftlab" if processes == 1 else \
-        f"accelerate launch <the same {processes}-process options> -m peftlab"
-    return f"{launcher} train {recipe} --resume latest"
-
-
 def _tracker_config(recipe: Recipe) -> dict:
     flat = {}
     for section, values in recipe_to_dict(recipe).items():
@@ -91,23 +90,6 @@ def _tracker_config(recipe: Recipe) -> dict:
             flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) \
                 else str(value)
     return flat
-
-
-def _fit_batch_to_memory(recipe: Recipe, device: str, say) -> None:
-    """train.auto_batch_size: a smaller micro-batch and more accumulation, same effective
-    batch, when the planner says the recipe's micro-batch would not fit free memory."""
-    from peftlab.memory import PLAN_KINDS, fit_micro_batch
-    cfg = recipe.train
-    if recipe.strategy.kind not in PLAN_KINDS:
-        say(f"train.auto_batch_size: cannot plan strategy '{recipe.strategy.kind}'; "
-            f"keeping micro-batch {cfg.batch_size}")
-        return
-    micro = fit_micro_batch(recipe, device)
-    if micro < cfg.batch_size:
-        cfg.grad_accum *= cfg.batch_size // micro
-        cfg.batch_size = micro
-    say(f"train.auto_batch_size: micro-batch {cfg.batch_size} x {cfg.grad_accum} accumulation "
-        f"fits free memory")
 
 
 TASKS = {"classification": prepare_classification, "causal_lm": prepare_causal_lm}
@@ -136,25 +118,22 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     precision = resolve_precision(cfg.mixed_precision, cfg.cpu)
     # accumulation is done here, not by Accelerate, so the loss can be normalised by the
     # items (examples or target tokens) of the whole step across micro-batches and processes
-    # gradual: groups open after DDP wrapped the model, so every group is registered (all
-    # trainable at prepare) and each step's frozen ones are found unused instead of awaited
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
-        if kind == "gradual" else []
-    accelerator = Accelerator(mixed_precision=precision, cpu=cfg.cpu, kwargs_handlers=handlers,
+    accelerator = Accelerator(mixed_precision=precision, cpu=cfg.cpu,
+                              kwargs_handlers=ddp_kwargs(kind),
                               log_with="tensorboard" if recipe.output.tensorboard else None,
                               project_dir=str(run_dir),
                               # one scheduler step per optimizer step, whatever the processes
                               step_scheduler_with_optimizer=False)
     say = accelerator.print
-    if accelerator.device.type == "cpu":
-        return_freed_memory_to_os()
+    if accelerator.device.type == "cpu" and os.environ.get("PEFTLAB_MMAP_THRESHOLD"):
+        set_mmap_threshold(int(os.environ["PEFTLAB_MMAP_THRESHOLD"]))  # benchmarks only
     set_seed(cfg.seed)
     if cfg.auto_batch_size and resume:  # the run's own micro-batch, not today's free memory
         saved = read_yaml(run_dir / "recipe.yaml") or {}
         cfg.batch_size = saved.get("train", {}).get("batch_size", cfg.batch_size)
         cfg.grad_accum = saved.get("train", {}).get("grad_accum", cfg.grad_accum)
     elif cfg.auto_batch_size:
-        _fit_batch_to_memory(recipe, accelerator.device.type, say)
+        fit_batch_to_memory(recipe, accelerator.device.type, say)
     if resume:
         check_resumable(run_dir, recipe)
     task: Task = TASKS[recipe.model.task](recipe, say)
@@ -219,6 +198,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         if task.on_evaluate:
             task.on_evaluate(model, accelerator, state.step, run_dir)
         model.train()
+        trim_heap()  # evaluation's batch shapes differ from training's: return its pages
         eval_seconds += time.perf_counter() - eval_start
         state.history.append({"step": state.step, "epoch": state.epoch,
                               **{k: result[k] for k in task.history_keys if k in result}})
@@ -404,7 +384,8 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         task.save(unwrapped, run_dir, precision)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    accelerator.end_training()
+    model = optimizer = scheduler = prepared = loaders = None  # the DDP wrapper, freed
+    finish_together(accelerator)
     say(f"run folder: {run_dir}  ({train_seconds:.1f}s training, "
         f"peak memory {summary['peak_memory_mb']:.0f} MB)")
     return {"metrics": metrics, "summary": summary, "run_dir": str(run_dir), "model": unwrapped}
