@@ -2,16 +2,20 @@
 
 Three ways, as people write them:
 - seeds: `padding="max_length"` at tokenization, Trainer defaults (the way the seed scripts do it)
-- tuned: dynamic padding (DataCollatorWithPadding) and bf16, as issue 4 defines it
-- strong: dynamic padding, length-grouped batches, and bf16 only where the hardware runs it
-  natively (else fp32: emulated bf16 is 2.7x slower on this CPU); the fairest rival
+- tuned: dynamic padding (DataCollatorWithPadding)
+- strong: dynamic padding and length-grouped batches: the fairest rival
 
-Data, model, LoRA rank/alpha/targets ("all-linear"), batch, steps, lr and warmup come from
-the peftlab recipe, so the numbers sit next to peftlab's own LoRA run. Times only the train
-loop (Trainer's train_runtime); peak memory is the process's peak RSS, or CUDA max allocated.
+Everything else comes from the peftlab recipe, so both sides train the same job: data, model,
+LoRA rank/alpha/dropout/targets ("all-linear": peftlab's default set, the new head trained in
+full), batch, accumulation, steps, lr, weight decay (never on biases and norms, on both
+sides), warmup, schedule, clipping and seed. `--precision bf16|no` is explicit (bf16 is
+emulated, slower but correct, on a CPU without it). Timed like peftlab: the median optimizer
+step, the training loop (Trainer's train_runtime, no evaluation inside), and the wall time of
+the whole command (measured by the caller). Peak memory: the process's peak RSS, or CUDA max
+allocated.
 
-Usage: python benchmarks/hf_trainer_baseline.py --mode seeds|tuned|strong --recipe R --out F.json
-       [--max-steps N] [--lr LR] [overrides...]
+Usage: python benchmarks/hf_trainer_baseline.py --mode seeds|tuned|strong --precision bf16|no
+       --recipe R --out F.json [--max-steps N] [overrides...]
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from transformers import (
 
 from peftlab.config import load_recipe
 from peftlab.data import load_labelled_data
-from peftlab.hardware import cpu_has_native_bf16, peak_memory_mb, peak_reserved_mb
+from peftlab.hardware import peak_memory_mb, peak_reserved_mb
 from peftlab.models import resolve_model_path
+from peftlab.optimizers import DEFAULT_LR
 
 
 class StepTimer(TrainerCallback):
@@ -66,8 +71,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["seeds", "tuned", "strong"], required=True)
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--precision", choices=["bf16", "no"], required=True)
     parser.add_argument("--max-steps", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=0.0)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
@@ -83,17 +88,19 @@ def main() -> None:
         task_type="SEQ_CLS", r=strategy.lora_r, lora_alpha=strategy.lora_alpha,
         lora_dropout=strategy.lora_dropout, target_modules="all-linear"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    native_bf16 = torch.cuda.is_available() or cpu_has_native_bf16()
-    bf16 = args.mode == "tuned" or (args.mode == "strong" and native_bf16)
+    bf16 = args.precision == "bf16"
     training_args = TrainingArguments(
         output_dir=f"runs/bench/hf_trainer_{args.mode}", report_to=[],
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=128,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=args.lr or cfg.lr or 5e-4,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=recipe.eval.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr or DEFAULT_LR["lora"],
         max_steps=args.max_steps or cfg.max_steps or -1, num_train_epochs=cfg.epochs,
-        warmup_steps=cfg.warmup_ratio,  # below 1: a ratio, in transformers 5 weight_decay=cfg.weight_decay,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # below 1: a ratio of the steps, in transformers 5
         lr_scheduler_type=cfg.scheduler, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
         save_strategy="no", eval_strategy="no", logging_steps=50, bf16=bf16,
-        train_sampling_strategy="group_by_length" if args.mode == "strong" else "random", use_cpu=not torch.cuda.is_available())
+        train_sampling_strategy="group_by_length" if args.mode == "strong" else "random",
+        use_cpu=cfg.cpu or not torch.cuda.is_available())
     timer = StepTimer()
     trainer = Trainer(model=model, args=training_args, train_dataset=tokenized["train"],
                       data_collator=DataCollatorWithPadding(tokenizer),
@@ -106,7 +113,8 @@ def main() -> None:
     samples_per_second = train_metrics["train_samples_per_second"]
     record = {
         "strategy": f"hf_trainer_{args.mode}", "mode": args.mode, "trainable_params": trainable,
-        "steps": trainer.state.global_step, "bf16": bf16,
+        "steps": trainer.state.global_step, "precision": args.precision,
+        "weight_decay": training_args.weight_decay, "lr": training_args.learning_rate,
         "train_seconds": round(train_metrics["train_runtime"], 2),
         "samples_per_second": round(samples_per_second, 2),
         "tokens_per_second": round(samples_per_second * real_tokens, 1),

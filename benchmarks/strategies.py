@@ -3,22 +3,22 @@
 For each strategy: trainable params, peak memory (CPU: the process's peak RSS; GPU: max
 allocated and reserved) next to `peftlab plan`'s prediction, median step time, samples/s and
 tokens/s, FLOP utilisation against a matmul rate measured in this run, wall time and the final
-validation metric. HF Trainer + PEFT baselines (benchmarks/hf_trainer_baseline.py) run the
-same LoRA job, and peftlab/baseline ratios are printed. Writes results/<tag>_<kind>.json,
-results/<tag>.md (table) and results/<tag>.png (accuracy vs peak memory).
+validation metric. The planner's prediction of each run is written to its results file
+before the run starts and never recomputed (a changed planner means running this again).
+The comparison with HF Trainer is benchmarks/vs_trainer.py (interleaved rounds). Writes
+results/<tag>_<kind>.json, results/<tag>.md (table) and results/<tag>.png (accuracy vs peak
+memory).
 
 Usage (the committed CPU results):
   PEFTLAB_DATA=../shared/data python benchmarks/strategies.py \\
       --recipe recipes/minilm_sst2_lora.yaml --steps 150 \\
-      --strategies full,head,freeze,gradual,lora,dora,qlora --baselines seeds,tuned,strong
+      --strategies full,head,freeze,gradual,lora,dora,qlora
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import machine, planner_fingerprint
 from benchmarks.report import plot, table
 from peftlab.config import load_recipe
 from peftlab.memory import ADAPTER_KINDS, MB, estimate, overhead_bytes, trained_layers
@@ -56,17 +57,6 @@ def matmul_gflops(size: int = 2048, repeats: int = 7) -> float:
             torch.cuda.synchronize()
         rates.append(2 * size**3 / (time.perf_counter() - tick) / 1e9)
     return statistics.median(rates[1:])
-
-
-def machine() -> dict:
-    import accelerate
-    import peft
-    import transformers
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "gpu": gpu,
-            "processor": platform.processor(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}
 
 
 def kind_overrides(kind: str, args) -> list[str]:
@@ -102,6 +92,10 @@ def run_peftlab(kind: str, args, device: str) -> dict:
     recipe = load_recipe(args.recipe, overrides)
     shape = shape_of(recipe)
     predicted = predicted_peak(recipe, shape, kind, device)
+    blind = {"strategy": kind, "tool": "peftlab", "predicted_peak_mb": round(predicted, 1),
+             "predicted_at": time.time(), "planner": planner_fingerprint()}
+    # the prediction is on disk before the run starts, and nothing recomputes it later
+    (RESULTS / f"{args.tag}_{kind}.json").write_text(json.dumps(blind, indent=2))
     rate = matmul_gflops()
     command = [sys.executable, "-m", "peftlab", "train", args.recipe, *overrides,
                "--output-dir", str(out), "--overwrite"]
@@ -110,14 +104,13 @@ def run_peftlab(kind: str, args, device: str) -> dict:
     wall = time.perf_counter() - tick
     summary = json.loads((out / "summary.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())["validation"]
-    return {"strategy": kind, "tool": "peftlab",
+    return blind | {
             "command": "PEFTLAB_DATA=../shared/data peftlab train " +
                        " ".join([args.recipe, *overrides]),
             "trainable_params": summary["trainable_params"],
             "trainable_percent": summary["trainable_percent"],
             "peak_memory_mb": summary["peak_memory_mb"],
             "peak_reserved_mb": summary["peak_reserved_mb"],
-            "predicted_peak_mb": round(predicted, 1),
             "median_step_seconds": summary["median_step_seconds"],
             "samples_per_second": summary["samples_per_second"],
             "tokens_per_second": summary["tokens_per_second"],
@@ -132,83 +125,28 @@ def run_peftlab(kind: str, args, device: str) -> dict:
             "machine": machine()}
 
 
-def run_baseline(mode: str, args) -> dict:
-    out = RESULTS / f"{args.tag}_hf_trainer_{mode}.json"
-    command = [sys.executable, str(Path(__file__).parent / "hf_trainer_baseline.py"),
-               "--mode", mode, "--recipe", args.recipe, "--out", str(out),
-               "--max-steps", str(args.steps), "--lr", str(LR["lora"]), *args.set]
-    tick = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    record = json.loads(out.read_text())
-    record.update(tool="hf_trainer", wall_seconds=round(time.perf_counter() - tick, 1),
-                  command=" ".join(["python benchmarks/hf_trainer_baseline.py", "--mode", mode,
-                                    "--recipe", args.recipe, "--max-steps", str(args.steps)]),
-                  machine=machine())
-    out.write_text(json.dumps(record, indent=2))
-    return record
-
-
-def print_ratios(records: list[dict]) -> None:
-    ours = next((r for r in records if r["strategy"] == "lora"), None)
-    if ours is None:
-        return
-    for base in (r for r in records if r["tool"] == "hf_trainer"):
-        print(f"peftlab lora / HF Trainer {base['mode']}: samples/s "
-              f"{ours['samples_per_second'] / base['samples_per_second']:.2f}x, peak memory "
-              f"{ours['peak_memory_mb'] / base['peak_memory_mb']:.2f}x, validation accuracy "
-              f"{ours['validation_accuracy']:.4f} vs {base['validation_accuracy']:.4f}")
-
-
-def replan(args) -> None:
-    """Recompute the planner column of saved results (after a planner change), no training."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pairs = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob(f"{args.tag}_*.json"))]
-    # <tag>_<run>.json only: another tag may start with this one (sst2_minilm_cpu_gradual_...)
-    pairs = [(p, r) for p, r in pairs if p.stem == f"{args.tag}_{r['strategy']}"]
-    for path, record in pairs:
-        if record["tool"] != "peftlab":
-            continue
-        overrides = record["command"].split(args.recipe, 1)[1].split()
-        recipe = load_recipe(args.recipe, overrides)
-        record["predicted_peak_mb"] = round(predicted_peak(recipe, shape_of(recipe),
-                                                           record["strategy"], device), 1)
-        path.write_text(json.dumps(record, indent=2))
-    write_report([r for _, r in pairs], args.tag)
-
-
 def write_report(records: list[dict], tag: str) -> None:
     markdown = table(records)
     (RESULTS / f"{tag}.md").write_text(markdown + "\n")
     plot(records, RESULTS / f"{tag}.png")
     print(markdown)
-    print_ratios(records)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--strategies", default="full,head,freeze,gradual,lora,dora,qlora")
-    parser.add_argument("--baselines", default="seeds,tuned,strong",
-                        help="HF Trainer ways to run too (empty: none)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     parser.add_argument("--freeze-layers", type=int, default=3)
     parser.add_argument("--tag", default="sst2_minilm_cpu", help="results file prefix")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
-    parser.add_argument("--replan", action="store_true",
-                        help="only recompute the planner column of saved results")
     args = parser.parse_args()
-    if args.replan:
-        replan(args)
-        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     RESULTS.mkdir(exist_ok=True)
     records = []
     for kind in args.strategies.split(","):
         records.append(run_peftlab(kind, args, device))
         (RESULTS / f"{args.tag}_{kind}.json").write_text(json.dumps(records[-1], indent=2))
-        print(json.dumps({k: v for k, v in records[-1].items() if k != "machine"}), flush=True)
-    for mode in filter(None, args.baselines.split(",")):
-        records.append(run_baseline(mode, args))
         print(json.dumps({k: v for k, v in records[-1].items() if k != "machine"}), flush=True)
     write_report(records, args.tag)
 
