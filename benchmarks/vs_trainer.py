@@ -15,8 +15,10 @@ way on both sides:
 Peak memory is each process's peak RSS (CUDA: max allocated). peftlab's planner prediction is
 written into its record before its run starts, and never recomputed.
 
-Configurations: peftlab, peftlab_mmap (peftlab with glibc's mmap threshold fixed at 128 KiB,
-its setting before this benchmark), and the Trainer ways strong / tuned / seeds.
+Configurations: peftlab; two settings peftlab had before, kept to measure them beside it:
+peftlab_mmap (glibc's mmap threshold fixed at 128 KiB) and peftlab_onednn1024 (oneDNN's
+default primitive cache of 1,024 shapes instead of peftlab's 64); and the Trainer ways
+strong / tuned / seeds.
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/vs_trainer.py \\
            [--recipe recipes/minilm_sst2_lora.yaml] [--steps 60] [--rounds 3] \\
@@ -46,6 +48,8 @@ RESULTS = Path(__file__).parent / "results"
 COMMON = ["data.test=null", "data.split_ratios=[0.9,0.1,0.0]", "train.eval_every_steps=0",
           "train.keep_checkpoints=0", "output.tensorboard=false"]
 TIMES = ("median_step_seconds", "train_loop_seconds", "wall_seconds")
+PEFTLAB_ENV = {"peftlab": {}, "peftlab_mmap": {"PEFTLAB_MMAP_THRESHOLD": str(128 * 1024)},
+               "peftlab_onednn1024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}}
 
 
 def overrides(args, precision: str) -> list[str]:
@@ -53,10 +57,10 @@ def overrides(args, precision: str) -> list[str]:
             *args.set]
 
 
-def run_peftlab(args, precision: str, out: Path, mmap: bool) -> dict:
+def run_peftlab(args, precision: str, out: Path, config: str) -> dict:
     extra = overrides(args, precision)
     recipe = load_recipe(args.recipe, extra)
-    record = {"config": "peftlab_mmap" if mmap else "peftlab", "precision": precision,
+    record = {"config": config, "precision": precision,
               "predicted_peak_mb": round(estimate(
                   shape_of(recipe), recipe, recipe.strategy.kind, recipe.train.batch_size,
                   recipe.train.gradient_checkpointing, overhead_bytes(recipe, "cpu"),
@@ -65,7 +69,7 @@ def run_peftlab(args, precision: str, out: Path, mmap: bool) -> dict:
               "command": " ".join(["peftlab train", args.recipe, *extra])}
     out.mkdir(parents=True, exist_ok=True)
     (out / "record.json").write_text(json.dumps(record, indent=2))  # blind: before the run
-    env = dict(os.environ, **({"PEFTLAB_MMAP_THRESHOLD": str(128 * 1024)} if mmap else {}))
+    env = dict(os.environ, **PEFTLAB_ENV[config])
     tick = time.perf_counter()
     subprocess.run([sys.executable, "-m", "peftlab", "train", args.recipe, *extra,
                     "--output-dir", str(out / "run"), "--overwrite"], check=True, env=env,
@@ -106,8 +110,8 @@ def run_trainer(args, precision: str, out: Path, mode: str) -> dict:
 
 def run_one(args, config: str, precision: str, round_index: int) -> dict:
     out = Path("runs/bench") / args.tag / f"r{round_index}_{precision}_{config}"
-    if config in ("peftlab", "peftlab_mmap"):
-        record = run_peftlab(args, precision, out, mmap=config == "peftlab_mmap")
+    if config in PEFTLAB_ENV:
+        record = run_peftlab(args, precision, out, config)
     else:
         record = run_trainer(args, precision, out, config)
     return record | {"round": round_index}

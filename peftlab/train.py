@@ -194,11 +194,12 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     def evaluate_now() -> None:
         nonlocal best_state, eval_seconds
         eval_start = time.perf_counter()
+        trim_heap()  # glibc would keep the step's freed blocks beside evaluation's own
         result = task.evaluate(model, loaders["validation"], accelerator)
         if task.on_evaluate:
             task.on_evaluate(model, accelerator, state.step, run_dir)
         model.train()
-        trim_heap()  # evaluation's batch shapes differ from training's: return its pages
+        trim_heap()  # and evaluation's beside the next steps': CPU peaks stay max(), not sum
         eval_seconds += time.perf_counter() - eval_start
         state.history.append({"step": state.step, "epoch": state.epoch,
                               **{k: result[k] for k in task.history_keys if k in result}})

@@ -190,11 +190,12 @@ def test_recommendation_shrinks_the_micro_batch_to_fit(tiny_llama, measured_at_4
     tight (0.61x) and 8 with room (1.15x)."""
     recipe = budget_recipe(tiny_llama)
     shape = shape_of(recipe)
-    fit = recommend(recipe, shape, ROOM * measured_at_4, 0.0)
+    # "cuda": live tensors only, like the measured total (CPU adds RSS terms: heap slack)
+    fit = recommend(recipe, shape, ROOM * measured_at_4, 0.0, device="cuda")
     assert (fit.kind, fit.micro_batch, fit.checkpointing) == ("full", 4, False), fit
-    fit = recommend(recipe, shape, TIGHT * measured_at_4, 0.0)
+    fit = recommend(recipe, shape, TIGHT * measured_at_4, 0.0, device="cuda")
     assert fit.kind == "full" and fit.micro_batch < 4, fit
-    assert recommend(recipe, shape, 1.0, 0.0) is None
+    assert recommend(recipe, shape, 1.0, 0.0, device="cuda") is None
 
 
 def test_budget_sizes():
