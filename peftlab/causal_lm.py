@@ -45,7 +45,7 @@ def count_target_tokens(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE).sum()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_lm(model, loader, accelerator, final: bool = False) -> dict:
     """Token-weighted loss and perplexity over a split, every example counted once."""
     model.eval()

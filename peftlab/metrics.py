@@ -38,7 +38,7 @@ def classification_metrics(predictions: list[int], references: list[int],
     return result
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and labels of a loader, gathered across processes without duplicates."""
     model.eval()

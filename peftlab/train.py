@@ -191,11 +191,16 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     start, eval_seconds, save_seconds, step_times = time.perf_counter(), 0.0, 0.0, []
     earlier_seconds = state.train_seconds  # spent before a resume
 
+    final_validation: list = []  # (step, result) of an evaluation at the last step
+
     def evaluate_now() -> None:
         nonlocal best_state, eval_seconds
         eval_start = time.perf_counter()
         trim_heap()  # glibc would keep the step's freed blocks beside evaluation's own
-        result = task.evaluate(model, loaders["validation"], accelerator)
+        # the last step's evaluation is the final one too when the best is the last step
+        final = state.step == total_steps
+        result = task.evaluate(model, loaders["validation"], accelerator, final=final)
+        final_validation[:] = [(state.step, result)] if final else []
         if task.on_evaluate:
             task.on_evaluate(model, accelerator, state.step, run_dir)
         model.train()
@@ -354,6 +359,8 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     if best_state is not None:
         _restore(unwrapped, best_state)
     metrics = {split: task.evaluate(model, loaders[split], accelerator, final=True)
+               if split != "validation" or not final_validation or
+               final_validation[0][0] != state.best_step else final_validation[0][1]
                for split in ("validation", "test") if split in loaders}
     for split, values in metrics.items():
         say(format_metrics(split, values))
