@@ -1,0 +1,93 @@
+"""The planner on jobs it was not fitted to: each prediction is written before its run starts.
+
+The planner's calibrated terms (peftlab/memory.py: SST2_FITTED_*, MINILM_FITTED_*) were
+fitted on SST-2 with all-MiniLM-L6-v2. Here it predicts, blind, the peak of runs on other
+data and another architecture, then each run is measured in its own process:
+- AG News (4 classes, news articles: longer texts, 128 tokens), MiniLM LoRA and full;
+- TREC (6 classes, short questions), MiniLM LoRA;
+- stories260K (a Llama decoder from llama2.c) LoRA SFT on alpaca_demo.
+Each in fp32 and bf16 (bf16 emulated, slower but the same memory, on a CPU without it).
+
+Usage: PEFTLAB_DATA=../shared/data python benchmarks/planner_error.py [--steps 100]
+       [--jobs agnews_lora,agnews_full,trec_lora,stories_lora] [--precisions no,bf16]
+Writes benchmarks/results/planner_error_cpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import machine, planner_fingerprint
+from peftlab.config import load_recipe
+from peftlab.memory import MB, estimate, overhead_bytes
+from peftlab.model_shape import shape_of
+
+RESULTS = Path(__file__).parent / "results"
+AGNEWS = ["data.train=ag_news/train.csv", "data.text_column=text", "data.validation=ag_news/dev.csv", "data.test=null",
+          "data.split_ratios=[0.9,0.1,0.0]", "data.label_names=[world,sports,business,sci_tech]",
+          "model.max_length=128", "data.max_eval_samples=500"]
+JOBS = {
+    "agnews_lora": ("recipes/minilm_sst2_lora.yaml", AGNEWS),
+    "agnews_full": ("recipes/minilm_sst2_full.yaml", AGNEWS),
+    "trec_lora": ("recipes/minilm_trec6_lora.yaml", ["data.test=null",
+                                                     "data.split_ratios=[0.9,0.1,0.0]"]),
+    "stories_lora": ("recipes/stories260k_alpaca_lora.yaml", ["train.eval_at_start=false",
+                                                              "eval.max_new_tokens=8"]),
+}
+COMMON = ["train.keep_checkpoints=0", "output.tensorboard=false"]
+
+
+def run_job(name: str, precision: str, args) -> dict:
+    recipe_path, extra = JOBS[name]
+    extra = [*extra, *COMMON, f"train.max_steps={args.steps}",
+             f"train.eval_every_steps={args.steps // 2}", f"train.mixed_precision={precision}"]
+    recipe = load_recipe(recipe_path, extra)
+    guess = estimate(shape_of(recipe), recipe, recipe.strategy.kind, recipe.train.batch_size,
+                     recipe.train.gradient_checkpointing, overhead_bytes(recipe, "cpu"), "cpu")
+    out = Path("runs/bench/planner_error") / f"{name}_{precision}"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"job": name, "precision": precision, "predicted_peak_mb": round(guess.total / MB, 1),
+              "predicted_at": time.time(), "planner": planner_fingerprint(),
+              "command": " ".join(["peftlab train", recipe_path, *extra])}
+    (out / "prediction.json").write_text(json.dumps(record, indent=2))  # before the run
+    subprocess.run([sys.executable, "-m", "peftlab", "train", recipe_path, *extra,
+                    "--output-dir", str(out / "run"), "--overwrite"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    measured = summary["peak_memory_mb"]
+    return record | {"peak_memory_mb": measured, "steps": summary["steps"],
+                     "error": round(record["predicted_peak_mb"] / measured - 1, 4),
+                     "median_step_seconds": summary["median_step_seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--jobs", default=",".join(JOBS))
+    parser.add_argument("--precisions", default="no,bf16")
+    args = parser.parse_args()
+    records = []
+    for name in args.jobs.split(","):
+        for precision in args.precisions.split(","):
+            records.append(run_job(name, precision, args))
+            print(json.dumps(records[-1]), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "planner_error_cpu.json").write_text(json.dumps(
+        {"command": " ".join(["python benchmarks/planner_error.py", *sys.argv[1:]]),
+         "machine": machine(), "records": records}, indent=2))
+    lines = ["| job | precision | predicted (blind) | measured peak RSS | error |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['job']} | {r['precision']} | {r['predicted_peak_mb']:,.0f} MB | "
+              f"{r['peak_memory_mb']:,.0f} MB | {r['error'] * 100:+.1f}% |" for r in records]
+    (RESULTS / "planner_error_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
