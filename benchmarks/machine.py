@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-PLANNER_FILES = ("memory.py", "model_shape.py")
+PLANNER_FILES = ("memory.py", "model_shape.py", "lm_loss.py")
 
 
 def cpu_model() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from peftlab.artifacts import write_info
 from peftlab.batches import make_loader
 from peftlab.config import Recipe
+from peftlab.lm_loss import token_losses
 from peftlab.models import hub_kwargs, load_error, load_tokenizer, resolve_model_path
 from peftlab.quantization import guard_cpu_repacking, load_kwargs
 from peftlab.sft_data import IGNORE, collate_sft, load_sft_data
@@ -25,20 +27,9 @@ from peftlab.strategies import PEFT_KINDS, apply_strategy
 from peftlab.task import Task
 
 
-def token_losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example (summed target-token loss, target-token count), next-token shifted."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    # no KV cache in training: it is never read, and with one transformers would not keep
-    # packed examples apart
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels,
-                                         ignore_index=IGNORE, reduction="none")
-    return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
-
-
-def summed_token_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return token_losses(model, batch)[0].sum()
+def summed_token_loss(model: nn.Module, batch: dict, chunked: bool = True,
+                      chunk: int = 0) -> torch.Tensor:
+    return token_losses(model, batch, chunked, chunk)[0].sum()
 
 
 def count_target_tokens(batch: dict) -> torch.Tensor:
@@ -46,12 +37,15 @@ def count_target_tokens(batch: dict) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate_lm(model, loader, accelerator, final: bool = False) -> dict:
-    """Token-weighted loss and perplexity over a split, every example counted once."""
+def evaluate_lm(model, loader, accelerator, final: bool = False, chunked: bool = True,
+                chunk: int = 0) -> dict:
+    """Token-weighted loss and perplexity over a split, every example counted once; the
+    logits go chunk by chunk here too, so an evaluation batch never holds them whole."""
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for batch in loader:
-        sums, counts = accelerator.gather_for_metrics(token_losses(model, batch))
+        sums, counts = accelerator.gather_for_metrics(token_losses(model, batch, chunked,
+                                                                   chunk))
         total_loss += float(sums.sum())
         total_tokens += int(counts.sum())
     loss = total_loss / max(total_tokens, 1)
@@ -132,8 +126,11 @@ def prepare_causal_lm(recipe: Recipe, say) -> Task:
                              "sft_format": data.fmt, "base_model": path,
                              "precision": precision})
 
+    loss_path = {"chunked": recipe.train.chunked_lm_loss,
+                 "chunk": recipe.train.lm_loss_chunk_tokens}
     return Task(report=report, loaders=loaders,
-                batch_loss=summed_token_loss, count_items=count_target_tokens,
-                evaluate=evaluate_lm, save=save, default_metric="loss",
+                batch_loss=partial(summed_token_loss, **loss_path),
+                count_items=count_target_tokens,
+                evaluate=partial(evaluate_lm, **loss_path), save=save, default_metric="loss",
                 history_keys=("loss", "perplexity"), summary={"sft_format": data.fmt},
                 on_evaluate=write_samples)

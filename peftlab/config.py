@@ -95,6 +95,10 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit
     save_every_steps: int = 0  # checkpoint every N optimizer steps too (0 = at epoch ends only)
     keep_checkpoints: int = 2  # newest checkpoints kept in <run>/checkpoints (0 = write none)
+    # causal_lm: the head and cross-entropy run over chunks of target tokens, recomputed in
+    # backward, so the tokens x vocabulary logits never exist at once (false: plain logits)
+    chunked_lm_loss: bool = True
+    lm_loss_chunk_tokens: int = 0  # causal_lm: target tokens per chunk (0 = auto, ~32M logits)
 
 
 @dataclass
@@ -146,7 +150,7 @@ CHOICES = {
 MINIMUMS = {"model.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "eval.batch_size": 1, "strategy.lora_r": 1, "train.log_every_steps": 1,
             "strategy.freeze_layers": 0, "train.max_steps": 0, "train.save_every_steps": 0,
-            "train.keep_checkpoints": 0, "train.eval_every_steps": 0,
+            "train.keep_checkpoints": 0, "train.lm_loss_chunk_tokens": 0, "train.eval_every_steps": 0,
             "train.early_stopping_patience": 0, "train.max_grad_norm": 0,
             "train.warmup_ratio": 0, "data.max_train_samples": 0, "data.max_eval_samples": 0}
 

@@ -2,8 +2,8 @@
 
 Peak = weights (by storage dtype, 4/8-bit with their quantization constants) + gradients and
 optimizer states of what trains + activations saved for backward (micro-batch x sequence x
-the tensors each layer keeps, fewer with checkpointing, logits over the vocabulary for causal
-LMs) + the best-weights snapshot + runtime overhead. On CPU the overhead is what the Python
+the tensors each layer keeps, fewer with checkpointing, one chunk of logits over the
+vocabulary for causal LMs) + the best-weights snapshot + runtime overhead. On CPU the overhead is what the Python
 stack itself takes (measured in this process after importing it, the same libraries a run
 loads); on GPU peak allocated memory has no such term. The benchmark holds these numbers
 against measured peaks (benchmarks/results), and a test keeps them honest on tiny models.
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftlab.config import Recipe
+from peftlab.lm_loss import logits_bytes
 from peftlab.model_shape import ModelShape, lora_params, shape_of
 from peftlab.quantization import FROZEN_BASE_KINDS, quantization_kind
 
@@ -168,8 +169,9 @@ def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_b
         kept = layers * shape.hidden * tokens * element + per_layer  # inputs + one recomputed
     else:
         kept = layers * per_layer
-    if recipe.model.task == "causal_lm":  # fp32 logits, their log-softmax and its gradient
-        kept += 3 * tokens * shape.vocab * FP32
+    if recipe.model.task == "causal_lm":  # one chunk of logits (the whole when not chunked)
+        kept += logits_bytes(tokens, shape.vocab, recipe.train.chunked_lm_loss,
+                             recipe.train.lm_loss_chunk_tokens)
     return kept
 
 
@@ -179,7 +181,9 @@ def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: in
     CPU, where it lives) the best-weights snapshot, a copy of what trains."""
     tokens = recipe.eval.batch_size * recipe.model.max_length
     layer = _layer_bytes(shape, recipe, kind, device) * tokens
-    logits = tokens * shape.vocab * FP32 * 2 if recipe.model.task == "causal_lm" else 0
+    logits = logits_bytes(tokens, shape.vocab, recipe.train.chunked_lm_loss,
+                          recipe.train.lm_loss_chunk_tokens, training=False) \
+        if recipe.model.task == "causal_lm" else 0
     return layer + logits + (trainable * FP32 if device == "cpu" else 0)
 
 
