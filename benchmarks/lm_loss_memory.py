@@ -3,7 +3,7 @@
 The model is the Qwen2.5-0.5B architecture (benchmarks/configs/qwen2.5-0.5b: 24 layers,
 hidden 896, a 151,936-word vocabulary, tied embeddings), randomly initialised: memory does
 not depend on what the weights hold. Its tokenizer is a word-level one of the same vocabulary
-size, and each data row is plain text of `seq` words, so every position is a target. Each job
+size, and each data row is plain text of `seq` tokens, so every position is a target. Each job
 is a real `peftlab train` run of recipes/qwen2.5-0.5b_alpaca_lora.yaml on that model (LoRA
 r=16 on every linear layer, bf16, checkpointing off; one optimizer step of one row, then an
 evaluation of one validation row) in its own process, the planner's prediction
@@ -39,19 +39,25 @@ CONFIG = HERE / "configs" / "qwen2.5-0.5b" / "config.json"
 
 
 def build_model(folder: Path) -> Path:
-    """Random Qwen2.5-0.5B weights and a word-level tokenizer of its vocabulary (once)."""
+    """Random Qwen2.5-0.5B weights and a byte-level BPE tokenizer of its vocabulary size with
+    no merges (transformers rebuilds any tokenizer of a qwen2 folder as Qwen2's byte-level
+    BPE, so the test tokenizer has to be one): each character of the data is one token."""
     if (folder / "model.safetensors").exists():
         return folder
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     config = AutoConfig.from_pretrained(CONFIG.parent)
-    words = {f"w{i}": i for i in range(config.vocab_size)}
-    words = {("<|endoftext|>" if i == config.eos_token_id else w): i for w, i in words.items()}
-    backend = Tokenizer(models.WordLevel(words, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(sorted(alphabet))}
+    while len(vocab) < config.eos_token_id:
+        vocab[f"<filler_{len(vocab)}>"] = len(vocab)
+    vocab["<|endoftext|>"] = config.eos_token_id
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                        pad_token="<|endoftext|>", unk_token="w0")
+                                        pad_token="<|endoftext|>")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,13 +67,13 @@ def build_model(folder: Path) -> Path:
 
 
 def write_data(folder: Path, seq: int) -> Path:
-    """Rows of `seq` random words (the tokenizer adds EOS: seq + 1 <= max_length tokens)."""
+    """Rows of `seq` - 1 random letters: seq tokens with the EOS, all of them targets."""
     rng = random.Random(seq)
     path = folder / f"text_{seq}.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
         for _ in range(4):
-            words = " ".join(f"w{rng.randrange(3, 150000)}" for _ in range(seq - 2))
-            handle.write(json.dumps({"text": words}) + "\n")
+            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(seq - 1))
+            handle.write(json.dumps({"text": text}) + "\n")
     return path
 
 
@@ -113,8 +119,8 @@ def run_job(model: Path, data: Path, seq: int, chunked: bool, precision: str) ->
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| seq | loss | peak RSS | planner (blind) | logits term (plain) | saved vs plain "
-             "| share of the logits term | validation loss |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| seq | loss | peak RSS | planner (blind) | logits term (plain) | saved vs plain "
+             "| share of the logits term | validation loss |"), "|---|---|---|---|---|---|---|---|"]
     for seq in sorted({r["seq"] for r in records}):
         peaks = {c: statistics.median(r["peak_memory_mb"] for r in records
                                       if r["seq"] == seq and r["chunked"] == c)

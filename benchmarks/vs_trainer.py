@@ -17,8 +17,9 @@ written into its record before its run starts, and never recomputed.
 
 Configurations: peftlab; two settings peftlab had before, kept to measure them beside it:
 peftlab_mmap (glibc's mmap threshold fixed at 128 KiB) and peftlab_onednn1024 (oneDNN's
-default primitive cache of 1,024 shapes instead of peftlab's 64); and the Trainer ways
-strong / tuned / seeds.
+default primitive cache of 1,024 shapes instead of peftlab's 64); peftlab_full (the same job
+fine-tuning every weight: peftlab / peftlab_full is LoRA's step over full's); and the Trainer
+ways strong / tuned / seeds.
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/vs_trainer.py \\
            [--recipe recipes/minilm_sst2_lora.yaml] [--steps 60] [--rounds 3] \\
@@ -49,7 +50,11 @@ COMMON = ["data.test=null", "data.split_ratios=[0.9,0.1,0.0]", "train.eval_every
           "train.keep_checkpoints=0", "output.tensorboard=false"]
 TIMES = ("median_step_seconds", "train_loop_seconds", "wall_seconds")
 PEFTLAB_ENV = {"peftlab": {}, "peftlab_mmap": {"PEFTLAB_MMAP_THRESHOLD": str(128 * 1024)},
-               "peftlab_onednn1024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}}
+               "peftlab_onednn1024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},
+               "peftlab_full": {}}
+# peftlab_full: the same job as full fine-tuning (at full fine-tuning's default lr), so the
+# ratio peftlab / peftlab_full is LoRA's step against full's, interleaved like the rest
+PEFTLAB_OVERRIDES = {"peftlab_full": ["strategy.kind=full", "train.lr=5e-05"]}
 
 
 def overrides(args, precision: str) -> list[str]:
@@ -58,7 +63,7 @@ def overrides(args, precision: str) -> list[str]:
 
 
 def run_peftlab(args, precision: str, out: Path, config: str) -> dict:
-    extra = overrides(args, precision)
+    extra = [*overrides(args, precision), *PEFTLAB_OVERRIDES.get(config, [])]
     recipe = load_recipe(args.recipe, extra)
     record = {"config": config, "precision": precision,
               "predicted_peak_mb": round(estimate(

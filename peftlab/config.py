@@ -98,6 +98,9 @@ class TrainConfig:
     # causal_lm: the head and cross-entropy run over chunks of target tokens, recomputed in
     # backward, so the tokens x vocabulary logits never exist at once (false: plain logits)
     chunked_lm_loss: bool = True
+    # head, and freeze with layers frozen: run the frozen bottom once per split (eval mode, no
+    # dropout) and train on its cached outputs; auto: when it would run more than once
+    cache_frozen: bool | str = "auto"
     lm_loss_chunk_tokens: int = 0  # causal_lm: target tokens per chunk (0 = auto, ~32M logits)
 
 
@@ -135,6 +138,7 @@ CHOICES = {
     "strategy.kind": STRATEGY_KINDS,
     "train.scheduler": ("linear", "cosine", "constant_with_warmup"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.cache_frozen": ("auto", True, False),
     "model.task": ("classification", "causal_lm"),
     "model.quantization": ("none", "nf4", "fp4", "int8"),
     "model.compute_dtype": ("auto", "bfloat16", "float32", "float16"),
@@ -326,7 +330,7 @@ def validate(recipe: Recipe) -> None:
         value = getattr(getattr(recipe, section), key)
         if value not in allowed:
             raise PeftlabError(f"{where}: {dotted}: unknown value '{value}'; "
-                               f"choose one of {', '.join(allowed)}")
+                               f"choose one of {', '.join(str(a).lower() for a in allowed)}")
     if not recipe.data.train:
         raise PeftlabError(f"{where}: data.train is required (a file, folder or hub dataset)")
     ratios = recipe.data.split_ratios

@@ -18,6 +18,7 @@ from sklearn.model_selection import train_test_split
 from peftlab.config import Recipe, resolve_data_path
 from peftlab.errors import PeftlabError
 from peftlab.sources import pick_split, read_source
+from peftlab.token_cache import tokenized
 
 SPLITS = ("train", "validation", "test")
 UNKNOWN_SAMPLE_ROWS = 2000  # train rows read to measure the unknown-token share
@@ -299,14 +300,18 @@ def format_report(data: LabelledData) -> str:
 
 
 def tokenize_splits(splits: datasets.DatasetDict, tokenizer, max_length: int):
-    """Token ids per split, truncated to max_length; padding happens per batch."""
+    """Token ids per split, truncated to max_length; padding happens per batch. A split seen
+    before (same rows, tokenizer and length) comes from the content-hash cache."""
     def encode(batch):
         pair = batch.get("text_pair")
         return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
 
-    columns = next(iter(splits.values())).column_names
-    drop = [c for c in ("text", "text_pair") if c in columns]
-    return splits.map(encode, batched=True, remove_columns=drop, desc="tokenize")
+    def tokenize(split: datasets.Dataset) -> datasets.Dataset:
+        drop = [c for c in ("text", "text_pair") if c in split.column_names]
+        return split.map(encode, batched=True, remove_columns=drop, desc="tokenize")
+
+    return datasets.DatasetDict({name: tokenized(split, tokenizer, max_length, tokenize)
+                                 for name, split in splits.items()})
 
 
 def unknown_token_rate(tokenized_train: datasets.Dataset, tokenizer) -> float | None:

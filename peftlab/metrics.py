@@ -39,13 +39,15 @@ def classification_metrics(predictions: list[int], references: list[int],
 
 
 @torch.inference_mode()
-def predict_logits(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of a loader, gathered across processes without duplicates."""
+def predict_logits(model, loader, accelerator,
+                   forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of a loader, gathered across processes without duplicates.
+    `forward(model, inputs) -> logits` replaces the plain call (cached frozen features)."""
     model.eval()
     all_logits, all_labels = [], []
     for batch in loader:
         labels = batch.pop("labels", None)
-        logits = model(**batch).logits.float()
+        logits = (forward(model, batch) if forward else model(**batch).logits).float()
         if labels is None:
             labels = torch.full((logits.shape[0],), -1, device=logits.device)
         logits, labels = accelerator.gather_for_metrics((logits, labels))
@@ -55,9 +57,9 @@ def predict_logits(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tens
 
 
 def evaluate_split(model, loader, accelerator, label_names: list[str],
-                   hub_metrics: list[str] = ()) -> dict:
+                   hub_metrics: list[str] = (), forward=None) -> dict:
     """Metrics of one split plus its mean loss (cross-entropy of the gathered logits)."""
-    logits, labels = predict_logits(model, loader, accelerator)
+    logits, labels = predict_logits(model, loader, accelerator, forward)
     result = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), label_names,
                                     list(hub_metrics))
     result["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))

@@ -13,6 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -91,12 +92,19 @@ class MeanPoolClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **inputs):
+    def pool(self, input_ids=None, attention_mask=None, **inputs) -> torch.Tensor:
+        """The masked mean of the backbone's token states: what the head sees."""
         inputs = {k: v for k, v in inputs.items() if v is not None}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                **inputs).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, pooled=None,
+                **inputs):
+        """`pooled`: the vector pool() gave, cached (train.cache_frozen): the body is skipped."""
+        if pooled is None:
+            pooled = self.pool(input_ids, attention_mask, **inputs)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:

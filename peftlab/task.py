@@ -35,6 +35,10 @@ class Task:
     summary: dict = field(default_factory=dict)  # task facts for summary.json
     # (model, accelerator, step, run_dir) -> called after each evaluation (e.g. samples)
     on_evaluate: Callable[..., None] | None = None
+    # (accelerator, run folder, say) -> runs the frozen bottom once and makes the loaders and
+    # loss use its cached outputs (train.cache_frozen); None where the task cannot cache,
+    # e.g. inputs that change every epoch (augmentation)
+    cache_frozen: Callable[..., None] | None = None
 
 
 def micro_batch_groups(loader, size: int):

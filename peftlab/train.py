@@ -140,6 +140,8 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     report = task.report
     if not resume:
         prepare_run_folder(run_dir, overwrite, recipe, accelerator)
+    if task.cache_frozen:  # before the loaders are evened out and prepared; rebuilt on resume
+        task.cache_frozen(accelerator, run_dir, say)
 
     task.loaders["train"] = pad_for_processes(task.loaders["train"], accelerator.num_processes)
     optimizer = build_optimizer(report.model, recipe, report.head_names)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import os
 import random
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# converted models and tokenized splits go to a cache of this test session, not the user's
+os.environ.setdefault("PEFTLAB_CACHE", tempfile.mkdtemp(prefix="peftlab-test-cache-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest

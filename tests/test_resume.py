@@ -148,16 +148,20 @@ def same_files(ref, out, relative: str):
     assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("strategy", [
-    {"kind": "gradual", "unfreeze_every_steps": 4},  # groups open after the resume point
-    {"kind": "qlora", "lora_r": 4},  # a 4-bit base: the checkpoint holds the adapter only
-    {"kind": "freeze", "freeze_layers": 1},
-], ids=lambda s: s["kind"])
-def test_resume_is_exact_for_other_strategies(tmp_path, tiny_bert, sentiment_csv, strategy):
+@pytest.mark.parametrize("strategy, cache", [
+    ({"kind": "gradual", "unfreeze_every_steps": 4}, "auto"),  # groups open after the resume
+    ({"kind": "qlora", "lora_r": 4}, "auto"),  # a 4-bit base: the checkpoint holds the adapter
+    ({"kind": "freeze", "freeze_layers": 1}, False),
+    # the frozen features are rebuilt on resume, and the run is still the unbroken one
+    ({"kind": "freeze", "freeze_layers": 1}, True),
+    ({"kind": "head"}, True),
+], ids=["gradual", "qlora", "freeze", "freeze_cached", "head_cached"])
+def test_resume_is_exact_for_other_strategies(tmp_path, tiny_bert, sentiment_csv, strategy,
+                                              cache):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv, strategy=strategy,
                           train={"max_steps": 14, "batch_size": 8, "lr": 5e-3, "cpu": True,
                                  "save_every_steps": 3, "keep_checkpoints": 10,
-                                 "eval_every_steps": 5})
+                                 "eval_every_steps": 5, "cache_frozen": cache})
     ref, out = resume_from_middle(recipe, tmp_path, step=6)
     artifact = "adapter/adapter_model.safetensors" if strategy["kind"] == "qlora" \
         else "model/model.safetensors"
