@@ -87,9 +87,16 @@ def main() -> None:
             records.append(run_job(name, 1, False, args.precision))
             print(json.dumps(records[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_frozen_cpu.json").write_text(json.dumps(
-        {"command": " ".join(["python benchmarks/cache_frozen.py", *sys.argv[1:]]),
-         "machine": machine(), "records": records}, indent=2))
+    path = RESULTS / "cache_frozen_cpu.json"
+    command = " ".join(["python benchmarks/cache_frozen.py", *sys.argv[1:]])
+    for record in records:
+        record["invocation"] = command
+    # the jobs not run this time keep their records (and the invocation that made them)
+    ran = {r["job"] for r in records}
+    kept = [r for r in json.loads(path.read_text())["records"] if r["job"] not in ran] \
+        if path.exists() else []
+    records = kept + records
+    path.write_text(json.dumps({"machine": machine(), "records": records}, indent=2))
     (RESULTS / "cache_frozen_cpu.md").write_text(table(records))
     print(table(records))
 

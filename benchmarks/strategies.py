@@ -41,10 +41,12 @@ LR = {"full": 8e-5, "freeze": 8e-5, "gradual": 8e-5, "head": 2e-3, "lora": 1e-3,
 WEIGHT_GRADS = ("full", "freeze", "gradual")
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 7) -> float:
-    """Median fp32 (or CUDA bf16) matmul rate now, on this machine: MFU's denominator."""
+def matmul_gflops(precision: str = "no", size: int = 2048, repeats: int = 7) -> float:
+    """Median matmul rate now, on this machine, in the precision the run trains in (bf16 for
+    bf16/fp16 runs and on CUDA): MFU's denominator. A bf16 run over an fp32 rate read
+    above 100% on a CPU with native bf16."""
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda or precision in ("bf16", "fp16") else torch.float32
     a = torch.randn(size, size, dtype=dtype, device="cuda" if cuda else "cpu")
     b = torch.randn_like(a)
     rates = []
@@ -96,7 +98,6 @@ def run_peftlab(kind: str, args, device: str) -> dict:
              "predicted_at": time.time(), "planner": planner_fingerprint()}
     # the prediction is on disk before the run starts, and nothing recomputes it later
     (RESULTS / f"{args.tag}_{kind}.json").write_text(json.dumps(blind, indent=2))
-    rate = matmul_gflops()
     command = [sys.executable, "-m", "peftlab", "train", args.recipe, *overrides,
                "--output-dir", str(out), "--overwrite"]
     tick = time.perf_counter()
@@ -104,6 +105,7 @@ def run_peftlab(kind: str, args, device: str) -> dict:
     wall = time.perf_counter() - tick
     summary = json.loads((out / "summary.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())["validation"]
+    rate = matmul_gflops(summary["precision"])  # right after the run, in its precision
     return blind | {
             "command": "PEFTLAB_DATA=../shared/data peftlab train " +
                        " ".join([args.recipe, *overrides]),

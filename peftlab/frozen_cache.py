@@ -179,8 +179,9 @@ def _collate_with_features(inner):
 @torch.inference_mode()
 def fill_store(model: nn.Module, boundary: Boundary, loader: DataLoader, accelerator,
                folder: Path | None) -> FeatureStore:
-    """One eval-mode pass of the frozen bottom over a split, longest first; the store takes
-    the dtype the frozen layers produce in the run's precision."""
+    """One eval-mode pass of the frozen bottom over a split, longest first, stored in the
+    run's precision: under bf16 autocast a fp32 body's layers end in fp32 norms, and keeping
+    those would double the cache."""
     dataset = loader.dataset
     lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -193,8 +194,10 @@ def fill_store(model: nn.Module, boundary: Boundary, loader: DataLoader, acceler
         inputs = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
         with accelerator.autocast():
             features = _capture(model, boundary, inputs).cpu()
-        if store is None:
-            store = FeatureStore(lengths, features.shape[-1], features.dtype, boundary, folder)
+        if store is None:  # a bf16 run keeps bf16 features, whatever its norms return
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                accelerator.mixed_precision, features.dtype)
+            store = FeatureStore(lengths, features.shape[-1], dtype, boundary, folder)
         for row, index in enumerate(indices):
             store.put(index, features[row] if boundary.kind == "pooled" else
                       features[row][batch["attention_mask"][row].bool()])

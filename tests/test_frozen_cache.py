@@ -117,8 +117,10 @@ def test_memory_mapped_cache_gives_the_same_run(tmp_path, tiny_bert, sentiment_c
     assert json.dumps(mapped["metrics"]) == json.dumps(in_memory["metrics"])
 
 
-def test_cache_in_bf16_stores_bf16_features(tmp_path, tiny_bert, sentiment_csv):
-    """The run's precision: a bf16 head run caches bf16 vectors and still learns."""
+@pytest.mark.parametrize("case", ["head_mean", "freeze_1"])
+def test_cache_in_bf16_stores_bf16_features(tmp_path, tiny_bert, sentiment_csv, case):
+    """The run's precision: a bf16 run caches bf16 features (freeze's fp32 body ends in
+    fp32 norms under autocast; they are stored in bf16) and still learns."""
     from peftlab import frozen_cache
     seen = []
     real_fill = frozen_cache.fill_store
@@ -130,7 +132,8 @@ def test_cache_in_bf16_stores_bf16_features(tmp_path, tiny_bert, sentiment_csv):
 
     frozen_cache.fill_store = recording_fill
     try:
-        recipe = _recipe(tmp_path, tiny_bert, sentiment_csv, {"kind": "head"}, "mean", True,
+        strategy, pooling, _ = CASES[case]
+        recipe = _recipe(tmp_path, tiny_bert, sentiment_csv, strategy, pooling, True,
                          mixed_precision="bf16")
         result = run(recipe, output_dir=str(tmp_path / "run"))
     finally:
