@@ -178,10 +178,12 @@ def _collate_with_features(inner):
 
 @torch.inference_mode()
 def fill_store(model: nn.Module, boundary: Boundary, loader: DataLoader, accelerator,
-               folder: Path | None) -> FeatureStore:
-    """One eval-mode pass of the frozen bottom over a split, longest first, stored in the
-    run's precision: under bf16 autocast a fp32 body's layers end in fp32 norms, and keeping
-    those would double the cache."""
+               folder: Path | None, run_precision: bool = False) -> FeatureStore:
+    """One eval-mode pass of the frozen bottom over a split, longest first. `run_precision`
+    (train): stored in the run's precision, since under bf16 autocast a fp32 body's layers
+    end in fp32 norms and keeping those would double the largest cache. Evaluation splits
+    keep what the layers produce, so a run's metrics are exactly what `peftlab eval` and
+    `predict` compute on the saved model, which runs uncached."""
     dataset = loader.dataset
     lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -194,9 +196,10 @@ def fill_store(model: nn.Module, boundary: Boundary, loader: DataLoader, acceler
         inputs = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
         with accelerator.autocast():
             features = _capture(model, boundary, inputs).cpu()
-        if store is None:  # a bf16 run keeps bf16 features, whatever its norms return
+        if store is None:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-                accelerator.mixed_precision, features.dtype)
+                accelerator.mixed_precision, features.dtype) if run_precision \
+                else features.dtype
             store = FeatureStore(lengths, features.shape[-1], dtype, boundary, folder)
         for row, index in enumerate(indices):
             store.put(index, features[row] if boundary.kind == "pooled" else
@@ -215,7 +218,7 @@ def cache_loaders(model: nn.Module, boundary: Boundary, loaders: dict[str, DataL
     folder = None if needed <= memory_available() // 2 else run_dir / "frozen_cache"
     model.to(accelerator.device)
     cached = {split: with_features(loader, fill_store(model, boundary, loader, accelerator,
-                                                      folder))
+                                                      folder, run_precision=split == "train"))
               for split, loader in loaders.items()}
     model.train()
     say(f"frozen {'body' if boundary.kind == 'pooled' else f'{boundary.layer} layers'} run "
