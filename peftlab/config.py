@@ -98,10 +98,10 @@ class TrainConfig:
     # causal_lm: the head and cross-entropy run over chunks of target tokens, recomputed in
     # backward, so the tokens x vocabulary logits never exist at once (false: plain logits)
     chunked_lm_loss: bool = True
+    lm_loss_chunk_tokens: int = 0  # causal_lm: target tokens per chunk (0 = auto, ~32M logits)
     # head, and freeze with layers frozen: run the frozen bottom once per split (eval mode, no
     # dropout) and train on its cached outputs; auto: when it would run more than once
     cache_frozen: bool | str = "auto"
-    lm_loss_chunk_tokens: int = 0  # causal_lm: target tokens per chunk (0 = auto, ~32M logits)
 
 
 @dataclass
@@ -154,7 +154,8 @@ CHOICES = {
 MINIMUMS = {"model.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "eval.batch_size": 1, "strategy.lora_r": 1, "train.log_every_steps": 1,
             "strategy.freeze_layers": 0, "train.max_steps": 0, "train.save_every_steps": 0,
-            "train.keep_checkpoints": 0, "train.lm_loss_chunk_tokens": 0, "train.eval_every_steps": 0,
+            "train.keep_checkpoints": 0, "train.lm_loss_chunk_tokens": 0,
+            "train.eval_every_steps": 0,
             "train.early_stopping_patience": 0, "train.max_grad_norm": 0,
             "train.warmup_ratio": 0, "data.max_train_samples": 0, "data.max_eval_samples": 0}
 

@@ -20,6 +20,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -121,10 +122,7 @@ class FeatureStore:
     def __init__(self, lengths: list[int], width: int, dtype: torch.dtype, boundary: Boundary,
                  folder: Path | None):
         self.pooled = boundary.kind == "pooled"
-        sizes = [1] * len(lengths) if self.pooled else lengths
-        self.offsets = [0]
-        for size in sizes:
-            self.offsets.append(self.offsets[-1] + size)
+        self.offsets = [0, *accumulate([1] * len(lengths) if self.pooled else lengths)]
         rows = self.offsets[-1]
         if folder is None:
             self.data = torch.empty(rows, width, dtype=dtype)
@@ -177,15 +175,15 @@ def _collate_with_features(inner):
 
 
 @torch.inference_mode()
-def fill_store(model: nn.Module, boundary: Boundary, loader: DataLoader, accelerator,
-               folder: Path | None, run_precision: bool = False) -> FeatureStore:
+def fill_store(model: nn.Module, boundary: Boundary, loader: DataLoader,
+               lengths: list[int], accelerator, folder: Path | None,
+               run_precision: bool = False) -> FeatureStore:
     """One eval-mode pass of the frozen bottom over a split, longest first. `run_precision`
     (train): stored in the run's precision, since under bf16 autocast a fp32 body's layers
     end in fp32 norms and keeping those would double the largest cache. Evaluation splits
     keep what the layers produce, so a run's metrics are exactly what `peftlab eval` and
     `predict` compute on the saved model, which runs uncached."""
     dataset = loader.dataset
-    lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batch_size = max(loader.batch_size or 1, 1)
     store = None
@@ -212,14 +210,17 @@ def cache_loaders(model: nn.Module, boundary: Boundary, loaders: dict[str, DataL
     """Every split's loader, now carrying its features; in memory when they fit in half the
     available memory, else memory-mapped under the run folder."""
     width = model.config.hidden_size
-    element = 4 if accelerator.mixed_precision == "no" else 2
-    needed = sum(feature_bytes([len(ids) for ids in loader.dataset["input_ids"]], width,
-                               boundary, element) for loader in loaders.values())
+    lengths = {split: [len(ids) for ids in loader.dataset["input_ids"]]
+               for split, loader in loaders.items()}
+    # train in the run's precision, evaluation splits at most fp32 (see fill_store)
+    train_element = 4 if accelerator.mixed_precision == "no" else 2
+    needed = sum(feature_bytes(lengths[split], width, boundary,
+                               train_element if split == "train" else 4) for split in loaders)
     folder = None if needed <= memory_available() // 2 else run_dir / "frozen_cache"
     model.to(accelerator.device)
-    cached = {split: with_features(loader, fill_store(model, boundary, loader, accelerator,
-                                                      folder, run_precision=split == "train"))
-              for split, loader in loaders.items()}
+    cached = {split: with_features(loader, fill_store(
+        model, boundary, loader, lengths[split], accelerator, folder,
+        run_precision=split == "train")) for split, loader in loaders.items()}
     model.train()
     say(f"frozen {'body' if boundary.kind == 'pooled' else f'{boundary.layer} layers'} run "
         f"once: {needed / 2**20:,.0f} MB of cached features "

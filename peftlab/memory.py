@@ -3,10 +3,11 @@
 Peak = weights (by storage dtype, 4/8-bit with their quantization constants) + gradients and
 optimizer states of what trains + activations saved for backward (micro-batch x sequence x
 the tensors each layer keeps, fewer with checkpointing, one chunk of logits over the
-vocabulary for causal LMs) + the best-weights snapshot + runtime overhead. On CPU the overhead is what the Python
-stack itself takes (measured in this process after importing it, the same libraries a run
-loads); on GPU peak allocated memory has no such term. The benchmark holds these numbers
-against measured peaks (benchmarks/results), and a test keeps them honest on tiny models.
+vocabulary for causal LMs) + the best-weights snapshot + runtime overhead. On CPU the
+overhead is what the Python stack itself takes (measured in this process after importing
+it, the same libraries a run loads); on GPU peak allocated memory has no such term. The
+benchmark holds these numbers against measured peaks (benchmarks/results), and a test keeps
+them honest on tiny models.
 """
 
 from __future__ import annotations
