@@ -39,10 +39,10 @@ from transformers import (
 )
 
 from peftlab.config import load_recipe
-from peftlab.data import load_labelled_data
 from peftlab.hardware import peak_memory_mb, peak_reserved_mb
 from peftlab.models import resolve_model_path
 from peftlab.optimizers import DEFAULT_LR
+from peftlab.tasks.classification_data import load_labelled_data
 
 
 class StepTimer(TrainerCallback):

@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peftlab import fused_lora
 from peftlab.config import recipe_from_dict
-from peftlab.models import load_classifier
 from peftlab.optimizers import OPTIMIZERS, build_optimizer
 from peftlab.strategies import apply_strategy
+from peftlab.tasks.classification_model import load_classifier
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 

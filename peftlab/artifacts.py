@@ -1,9 +1,9 @@
-"""The run folder's model: save it after training, load it back for eval and predict.
+"""The run folder's model, loaded back for eval, predict and merge, through its task.
 
-Layout: `adapter/` (peft kinds; loadable by plain `PeftModel.from_pretrained(base, path)`,
-head included through modules_to_save) or `model/` (full safetensors), each with the
-tokenizer; `peftlab.json` says which, the pooling and the labels. A mean-pooled head adds
-`classifier.safetensors` beside the body, since transformers has no such head class.
+Layout: `adapter/` (peft kinds; loadable by plain `PeftModel.from_pretrained(base, path)`)
+or `model/` (full safetensors), each with the tokenizer; `peftlab.json` says which, the task,
+and the task's own facts (labels, pooling, chat format). Each task writes and reads its
+artifact (peftlab/tasks/); this module holds what they share.
 """
 
 from __future__ import annotations
@@ -11,36 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
 from peftlab.fused_lora import use_fused_lora
-from peftlab.hardware import precision_context
-from peftlab.models import build_classifier, load_tokenizer, resolve_model_path
-from peftlab.quantization import dequantize_linears, quantization_kind
+from peftlab.models import resolve_model_path
+from peftlab.quantization import quantization_kind
 
 INFO_FILE = "peftlab.json"
-HEAD_FILE = "classifier.safetensors"
-
-
-def save_trained(model, tokenizer, run_dir: Path, *, pooling: str, peft: bool,
-                 label_names: list[str], base_path: str, precision: str) -> Path:
-    """Write the trained weights (adapter or full model) and tokenizer; returns the folder."""
-    folder = run_dir / ("adapter" if peft else "model")
-    body = model.backbone if pooling == "mean" else model
-    body.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    if pooling == "mean":
-        state = {k: v.detach().float().cpu().contiguous()
-                 for k, v in model.classifier.state_dict().items()}
-        save_file(state, folder / HEAD_FILE)
-    write_info(run_dir, {"artifact": folder.name, "pooling": pooling,
-                         "label_names": label_names, "base_model": base_path,
-                         "precision": precision})
-    return folder
 
 
 def write_info(run_dir: Path, info: dict) -> None:
@@ -71,7 +50,7 @@ def read_run(run_dir: str | Path) -> tuple[Recipe, dict]:
     return recipe, info
 
 
-def _base_path(recipe: Recipe, info: dict) -> str:
+def base_path(recipe: Recipe, info: dict) -> str:
     """The base model on this machine: the recipe's name first (pkg: paths move)."""
     try:
         return resolve_model_path(recipe.model.name, recipe)
@@ -124,52 +103,6 @@ def load_trained(run_dir: str | Path, dequantize: bool = False):
         recipe.train.mixed_precision = "no"
     folder = run_dir / info["artifact"]
     check_weights_files(folder)
-    if info.get("task") == "causal_lm":
-        return _load_causal_lm(folder, recipe, info, dequantize) + (recipe, info)
-    names, pooling = info["label_names"], info["pooling"]
-    tokenizer = load_tokenizer(str(folder), recipe)
-    if info["artifact"] == "adapter":
-        model = build_classifier(_base_path(recipe, info), pooling, names, recipe,
-                                 tokenizer.pad_token_id)
-        if dequantize:
-            dequantize_linears(model)
-        if pooling == "mean":
-            model.backbone = attach_adapter(model.backbone, folder, recipe)
-        else:
-            model = attach_adapter(model, folder, recipe)
-    else:
-        model = build_classifier(str(folder), pooling, names, recipe, tokenizer.pad_token_id)
-    if pooling == "mean":
-        model.classifier.load_state_dict(load_file(folder / HEAD_FILE))
-    model.eval()
+    from peftlab.tasks import task_of_run
+    model, tokenizer = task_of_run(info).load(folder, recipe, info, dequantize)
     return model, tokenizer, recipe, info
-
-
-@torch.inference_mode()
-def predict_texts(model, tokenizer, texts: list[str], max_length: int, precision: str = "no",
-                  batch_size: int = 64) -> list[tuple[int, float]]:
-    """(label id, probability) per text, in input order, in the run's precision."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], truncation=True,
-                          max_length=max_length, padding=True, return_tensors="pt").to(device)
-        with precision_context(precision, device):
-            logits = model(**batch).logits
-        probs = logits.float().softmax(-1)
-        best = probs.max(-1)
-        out += list(zip(best.indices.tolist(), best.values.tolist()))
-    return out
-
-
-def _load_causal_lm(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
-    from peftlab.causal_lm import load_causal_lm
-    tokenizer = load_tokenizer(str(folder), recipe)
-    if info["artifact"] == "adapter":
-        base = load_causal_lm(_base_path(recipe, info), recipe)
-        if dequantize:
-            dequantize_linears(base)
-        model = attach_adapter(base, folder, recipe)
-    else:
-        model = load_causal_lm(str(folder), recipe)
-    return model.eval(), tokenizer

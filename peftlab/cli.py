@@ -102,11 +102,12 @@ def cmd_eval(args) -> int:
 
     from peftlab.artifacts import load_trained
     from peftlab.metrics import format_metrics
+    from peftlab.tasks import task_of_run
     model, tokenizer, recipe, info = load_trained(args.run)
-    if info.get("task") == "causal_lm":
-        loaders, evaluate = _lm_eval_loaders(recipe, tokenizer, args.data)
-    else:
-        loaders, evaluate = _classification_eval_loaders(recipe, tokenizer, info, args)
+    try:
+        loaders, evaluate = task_of_run(info).eval_loaders(recipe, tokenizer, info, args.data)
+    except PeftlabError as err:
+        raise PeftlabError(f"{args.run}: {err}") from None
     # the run's own precision: Accelerate autocasts the forward as it did in training
     accelerator = Accelerator(cpu=recipe.train.cpu, mixed_precision=info["precision"])
     model = accelerator.prepare(model)
@@ -119,77 +120,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _classification_eval_loaders(recipe, tokenizer, info, args):
-    from transformers import DataCollatorWithPadding
-
-    from peftlab.batches import make_loader
-    from peftlab.data import load_eval_file, load_labelled_data, tokenize_splits
-    from peftlab.metrics import evaluate_split
-    names = info["label_names"]
-    if args.data:
-        splits = load_eval_file(args.data, recipe, names)
-    else:
-        data = load_labelled_data(recipe)
-        if data.label_names != names:
-            raise PeftlabError(f"{args.run}: the recipe's data now has labels "
-                               f"{data.label_names}, the run was trained on {names}")
-        splits = data.splits
-    tokenized = tokenize_splits(splits, tokenizer, recipe.model.max_length)
-    collate = DataCollatorWithPadding(tokenizer)
-    loaders = {split: make_loader(tokenized[split], recipe.eval.batch_size, collate=collate,
-                                  train=False, seed=0) for split in tokenized if split != "train"}
-    return loaders, lambda model, loader, acc: evaluate_split(model, loader, acc, names)
-
-
-def _lm_eval_loaders(recipe, tokenizer, data_file: str | None):
-    from peftlab.batches import make_loader
-    from peftlab.causal_lm import evaluate_lm
-    from peftlab.sft_data import collate_sft, load_sft_data
-    if data_file:  # the run's row format and lengths, another file, scored whole
-        recipe.data.train = recipe.data.validation = str(Path(data_file).resolve())
-        recipe.data.test, recipe.data.split_ratios = None, [1.0, 0.0, 0.0]
-    data = load_sft_data(recipe, tokenizer)
-    collate = collate_sft(tokenizer.pad_token_id)
-    splits = ["validation"] if data_file else [s for s in data.splits if s != "train"]
-    loaders = {("eval" if data_file else split): make_loader(
-        data.splits[split], recipe.eval.batch_size, collate=collate, train=False, seed=0)
-        for split in splits}
-    return loaders, evaluate_lm
-
-
 def cmd_predict(args) -> int:
-    from peftlab.artifacts import load_trained, predict_texts
-    if args.prompt:
-        return _generate(args)
-    if not args.text and not args.file:
-        raise PeftlabError("predict: give --text \"...\" (repeatable) or --file in.csv")
+    from peftlab.artifacts import read_run
+    from peftlab.tasks import task_of_run
     if args.file and not args.output:
         raise PeftlabError("predict: --file needs --output out.csv")
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise PeftlabError(f"{args.output}: exists; pass --overwrite to replace it")
-    model, tokenizer, recipe, info = load_trained(args.run)
-    if info.get("task") == "causal_lm":
-        raise PeftlabError(f"{args.run}: a causal-LM run; use --prompt \"...\"")
-    names = info["label_names"]
-    if args.text:
-        for text, (label, prob) in zip(args.text, predict_texts(
-                model, tokenizer, args.text, recipe.model.max_length, info["precision"])):
-            print(f"{names[label]}\t{prob:.4f}\t{text}")
-    if args.file:
-        from peftlab.sources import read_source
-        table = read_source(args.file, "auto", recipe.data.text_column,
-                            recipe.data.label_column).to_pandas()
-        column = recipe.data.text_column
-        if column not in table.columns:
-            raise PeftlabError(f"{args.file}: no column '{column}' (columns: "
-                               f"{', '.join(map(str, table.columns))})")
-        texts = table[column].fillna("").astype(str).tolist()
-        predictions = predict_texts(model, tokenizer, texts, recipe.model.max_length,
-                                    info["precision"])
-        table["predicted_label"] = [names[label] for label, _ in predictions]
-        table["probability"] = [round(prob, 6) for _, prob in predictions]
-        table.to_csv(args.output, index=False)
-        print(f"wrote {len(table)} predictions to {args.output}")
+    _, info = read_run(args.run)
+    task_of_run(info).predict(args, Path(args.run), info)
     return 0
 
 
@@ -222,25 +161,9 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
-    """Causal-LM runs: each prompt rendered as the run's training prompts were, then greedy
-    (or sampled, with --temperature) generation until EOS."""
-    from peftlab.artifacts import load_trained
-    from peftlab.causal_lm import generate, prompt_text
-    from peftlab.hardware import precision_context
-    model, tokenizer, _, info = load_trained(args.run)
-    if info.get("task") != "causal_lm":
-        raise PeftlabError(f"{args.run}: a classification run; use --text \"...\"")
-    chat = info.get("sft_format") in ("alpaca", "chat")
-    for prompt in args.prompt:
-        shown = prompt_text(tokenizer, [{"role": "user", "content": prompt}] if chat else
-                            (prompt, ""), "chat" if chat else "text")
-        with precision_context(info["precision"], next(model.parameters()).device):
-            print(generate(model, tokenizer, shown, args.max_new_tokens, args.temperature))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(task_options: bool = True) -> argparse.ArgumentParser:
+    """`task_options`: add each task's predict flags, which imports the tasks (seconds);
+    parse_args does so only for `predict`, so every other command and --help stay instant."""
     parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -278,15 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="label new texts with a finished run")
     predict.add_argument("run", help="run folder")
-    predict.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    predict.add_argument("--file", help="CSV/TSV/JSON(L)/Parquet with the recipe's text column")
-    predict.add_argument("--output", help="CSV to write: input columns + predicted_label, "
-                                          "probability")
+    predict.add_argument("--file", help="CSV/TSV/JSON(L)/Parquet with the recipe's columns")
+    predict.add_argument("--output", help="file to write: the input rows + the predictions")
     predict.add_argument("--overwrite", action="store_true", help="replace --output")
-    predict.add_argument("--prompt", action="append", help="causal-LM runs: a prompt to "
-                                                           "continue (repeatable)")
-    predict.add_argument("--max-new-tokens", type=int, default=128, help="generation length")
-    predict.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    if task_options:
+        _add_task_predict_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     merge = sub.add_parser("merge", help="merge a run's adapter into its base model")
@@ -306,14 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_task_predict_options(parser: argparse.ArgumentParser) -> None:
+    """Each task's own predict flags; a flag two tasks share is declared once."""
+    from peftlab.tasks import TASKS
+    seen = {flag for action in parser._actions for flag in action.option_strings}
+    for module in TASKS.values():
+        for flags, options in module.PREDICT_OPTIONS:
+            if not seen.intersection(flags):
+                parser.add_argument(*flags, **options)
+                seen.update(flags)
+
+
 OVERRIDE = re.compile(r"^[A-Za-z_]+\.[A-Za-z_]+=")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Dotted overrides may come anywhere, also after an option
     (`train R --output-dir X train.max_steps=5`), which argparse alone refuses."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    words = [str(word) for word in (sys.argv[1:] if argv is None else argv)]
+    parser = build_parser(task_options=next(
+        (word for word in words if not word.startswith("-")), None) == "predict")
+    args, extra = parser.parse_known_args(words)
     overrides = [item for item in extra if OVERRIDE.match(item)]
     rest = [item for item in extra if not OVERRIDE.match(item)]
     if rest or overrides and not hasattr(args, "overrides"):

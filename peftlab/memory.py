@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftlab.config import Recipe
-from peftlab.lm_loss import logits_bytes
 from peftlab.model_shape import ModelShape, lora_params, shape_of
 from peftlab.quantization import FROZEN_BASE_KINDS, quantization_kind
+from peftlab.tasks import task_module
 
 MB = 2**20
 GiB = 2**30
@@ -170,10 +170,8 @@ def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_b
         kept = layers * shape.hidden * tokens * element + per_layer  # inputs + one recomputed
     else:
         kept = layers * per_layer
-    if recipe.model.task == "causal_lm":  # one chunk of logits (the whole when not chunked)
-        kept += logits_bytes(tokens, shape.vocab, recipe.train.chunked_lm_loss,
-                             recipe.train.lm_loss_chunk_tokens)
-    return kept
+    return kept + task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
+                                                              training=True)
 
 
 def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: int,
@@ -182,9 +180,8 @@ def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: in
     CPU, where it lives) the best-weights snapshot, a copy of what trains."""
     tokens = recipe.eval.batch_size * recipe.model.max_length
     layer = _layer_bytes(shape, recipe, kind, device) * tokens
-    logits = logits_bytes(tokens, shape.vocab, recipe.train.chunked_lm_loss,
-                          recipe.train.lm_loss_chunk_tokens, training=False) \
-        if recipe.model.task == "causal_lm" else 0
+    logits = task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
+                                                         training=False)
     return layer + logits + (trainable * FP32 if device == "cpu" else 0)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from peftlab.config import Recipe
@@ -51,31 +50,23 @@ def load_config(recipe: Recipe):
     return AutoConfig.from_pretrained(resolve_model_path(recipe.model.name, recipe), **hub_kwargs(recipe))
 
 
-def meta_model(config, causal: bool, num_labels: int = 2) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    with torch.device("meta"):
-        if causal:
-            return AutoModelForCausalLM.from_config(config)
-        config.num_labels = num_labels
-        return AutoModelForSequenceClassification.from_config(config)
-
-
 def shape_of(recipe: Recipe, config=None) -> ModelShape:
     """Count parameters on a meta-device model built from the recipe's model config (a
     classifier head sized by data.label_names, or 2 labels when they come from the data)."""
     from peftlab.strategies import default_target_modules, embedding_params, head_names, layer_stack
+    from peftlab.tasks import task_module
     config = config or load_config(recipe)
-    causal = recipe.model.task == "causal_lm"
-    model = meta_model(config, causal, max(len(recipe.data.label_names or []), 2))
+    task = task_module(recipe.model.task)
+    model = task.meta_model(config, recipe)
     hidden = _first(config, "hidden_size", "n_embd", "d_model")
     heads = _first(config, "num_attention_heads", "n_head")
     head_dim = _first(config, "head_dim", default=hidden // heads)
     kv_heads = _first(config, "num_key_value_heads", default=heads)
     layers = layer_stack(model)
     layer_linear = sum(m.weight.numel() for m in layers[0].modules() if _is_linear(m))
-    heads_params = sum(p.numel() for name in ([] if causal else head_names(model))
+    heads_params = sum(p.numel() for name in (head_names(model) if task.NEW_HEAD else [])
                        for p in getattr(model, name).parameters())
-    output = model.get_output_embeddings() if causal else None
+    output = None if task.NEW_HEAD else model.get_output_embeddings()
     wanted = recipe.strategy.target_modules or default_target_modules(model)
     targets = [_fans(m) for name, m in model.named_modules()
                if _is_linear(m) and _matches(wanted, name)]

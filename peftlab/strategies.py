@@ -136,17 +136,28 @@ def is_causal_lm(model: nn.Module) -> bool:
     return isinstance(model, GenerationMixin)
 
 
+# peft's task type per transformers head class (by its name's ending): the PeftModel class
+# that plain `PeftModel.from_pretrained` picks when the adapter is loaded back
+PEFT_TASK_TYPES = {"ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+                   "ForSequenceClassification": "SEQ_CLS"}
+
+
 def _peft_task(model: nn.Module) -> str | None:
-    """SEQ_CLS for HF heads (peft then saves the new head via modules_to_save); CAUSAL_LM
-    for language models, whose head is pretrained and stays frozen."""
+    """SEQ_CLS/TOKEN_CLS/QUESTION_ANS for HF heads (peft then saves the new head via
+    modules_to_save); CAUSAL_LM for language models, whose head is pretrained and stays
+    frozen."""
     if hasattr(model, "backbone"):
         return None
-    return "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
+    if is_causal_lm(model):
+        return "CAUSAL_LM"
+    name = type(model).__name__
+    return next((kind for ending, kind in PEFT_TASK_TYPES.items() if name.endswith(ending)),
+                "SEQ_CLS")
 
 
 def _new_heads(model: nn.Module) -> list[str] | None:
     """Heads that must train and travel with an adapter: a classifier's, never lm_head."""
-    return head_names(model) if _peft_task(model) == "SEQ_CLS" else None
+    return head_names(model) if _peft_task(model) not in (None, "CAUSAL_LM") else None
 
 
 def _wrap_peft(model: nn.Module, peft_config) -> nn.Module:

@@ -1,7 +1,10 @@
-"""The contract between a task (classification, causal LM) and the generic training loop.
+"""The contract between a task and the generic code: training loop, artifacts, CLI, planner.
 
-A task module turns a recipe into a `Task`: the model with its strategy applied, the batches,
-and three functions the loop calls. The loop never asks which task it runs.
+Every module under peftlab/tasks/ meets `TaskModule`; `peftlab.tasks.TASKS` maps the
+recipe's `model.task` to it. Its `prepare` turns a recipe into a `Task` (the model with its
+strategy applied, the batches, and the functions the loop calls); its other functions load a
+finished run back, score it, predict with it, and size it for the planner. No code outside
+peftlab/tasks/ asks which task it runs.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +43,39 @@ class Task:
     # loss use its cached outputs (train.cache_frozen); None where the task cannot cache,
     # e.g. inputs that change every epoch (augmentation)
     cache_frozen: Callable[..., None] | None = None
+
+
+class TaskModule(Protocol):
+    """What a task module provides beside training (module-level names and functions)."""
+
+    # a freshly initialised head that trains in every strategy (the planner counts it), as
+    # opposed to a pretrained output layer (a causal LM's lm_head)
+    NEW_HEAD: bool
+    METRICS: tuple[str, ...]  # what train.metric_for_best may name (its evaluation's keys)
+    # its `peftlab predict` options: (flags, argparse keywords); a flag two tasks share (--text)
+    # is declared by the first and read by both
+    PREDICT_OPTIONS: tuple[tuple[tuple[str, ...], dict], ...]
+
+    def prepare(self, recipe, say) -> Task:
+        """Read the data, build the model with its strategy, make the loaders."""
+
+    def load(self, folder: Path, recipe, info: dict, dequantize: bool) -> tuple[nn.Module, Any]:
+        """(model in eval mode, tokenizer) of a finished run's artifact folder."""
+
+    def eval_loaders(self, recipe, tokenizer, info: dict,
+                     data_file: str | None) -> tuple[dict[str, DataLoader], Callable]:
+        """Loaders of the run's evaluation splits (or of one file), and the function that
+        scores one: (model, loader, accelerator) -> metrics."""
+
+    def predict(self, args, run_dir: Path, info: dict) -> None:
+        """`peftlab predict` on a finished run: checks its own flags before loading."""
+
+    def meta_model(self, config, recipe) -> nn.Module:
+        """The model class this task trains, built on the meta device from `config`."""
+
+    def output_bytes(self, recipe, tokens: int, vocab: int, training: bool) -> float:
+        """Planner: bytes of the task's outputs over `tokens` tokens (a causal LM's logits
+        over the vocabulary; small for classifiers)."""
 
 
 def micro_batch_groups(loader, size: int):

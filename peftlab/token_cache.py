@@ -26,9 +26,11 @@ from peftlab.convert import cache_root
 VERSION = "1"  # bump when what a tokenized split holds changes
 
 
-def split_key(split: datasets.Dataset, tokenizer, max_length: int) -> str | None:
-    """The content hash of (split, tokenizer, max_length); None when the tokenizer has no
-    serialised form to hash (a slow tokenizer), and nothing is cached."""
+def split_key(split: datasets.Dataset, tokenizer, max_length: int,
+              variant: str = "") -> str | None:
+    """The content hash of (split, tokenizer, max_length, variant); None when the tokenizer
+    has no serialised form to hash (a slow tokenizer), and nothing is cached. `variant` names
+    whatever else the tokenize function depends on (a task's options)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
@@ -36,7 +38,7 @@ def split_key(split: datasets.Dataset, tokenizer, max_length: int) -> str | None
     # truncation/padding are call settings the backend remembers from its last call
     setup = {k: v for k, v in json.loads(backend.to_str()).items()
              if k not in ("truncation", "padding")}
-    for part in (VERSION, type(tokenizer).__name__, str(max_length),
+    for part in (VERSION, variant, type(tokenizer).__name__, str(max_length),
                  json.dumps(setup, sort_keys=True),
                  repr(sorted(tokenizer.special_tokens_map.items())),
                  repr(split.column_names), str(len(split))):
@@ -57,9 +59,10 @@ def split_key(split: datasets.Dataset, tokenizer, max_length: int) -> str | None
 
 
 def tokenized(split: datasets.Dataset, tokenizer, max_length: int,
-              tokenize: Callable[[datasets.Dataset], datasets.Dataset]) -> datasets.Dataset:
+              tokenize: Callable[[datasets.Dataset], datasets.Dataset],
+              variant: str = "") -> datasets.Dataset:
     """`tokenize(split)`, or the saved result of the same call on the same content."""
-    key = split_key(split, tokenizer, max_length)
+    key = split_key(split, tokenizer, max_length, variant)
     if key is None or os.environ.get("PEFTLAB_TOKEN_CACHE") == "0":
         return tokenize(split)
     folder = cache_root() / "tokenized" / key

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from peftlab.batches import pad_for_processes
-from peftlab.causal_lm import prepare_causal_lm
 from peftlab.checkpoints import (
     LoopState,
     check_resumable,
@@ -32,7 +31,6 @@ from peftlab.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from peftlab.classification import prepare_classification
 from peftlab.config import Recipe, read_yaml, recipe_to_dict
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.guards import (
@@ -60,6 +58,7 @@ from peftlab.run_folder import (
 )
 from peftlab.strategies import StrategyReport, open_groups
 from peftlab.task import Task, micro_batch_groups
+from peftlab.tasks import task_module
 
 
 def _trainable_snapshot(model, known: dict | None = None) -> dict[str, torch.Tensor]:
@@ -90,9 +89,6 @@ def _tracker_config(recipe: Recipe) -> dict:
             flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) \
                 else str(value)
     return flat
-
-
-TASKS = {"classification": prepare_classification, "causal_lm": prepare_causal_lm}
 
 
 def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
@@ -136,8 +132,11 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         fit_batch_to_memory(recipe, accelerator.device.type, say)
     if resume:
         check_resumable(run_dir, recipe)
-    task: Task = TASKS[recipe.model.task](recipe, say)
+    task: Task = task_module(recipe.model.task).prepare(recipe, say)
     report = task.report
+    if cfg.cache_frozen is True and task.cache_frozen is None:
+        raise PeftlabError(f"train.cache_frozen: true, but task {recipe.model.task} has no "
+                           f"frozen-feature cache; set train.cache_frozen: auto or false")
     if not resume:
         prepare_run_folder(run_dir, overwrite, recipe, accelerator)
     if task.cache_frozen:  # before the loaders are evened out and prepared; rebuilt on resume

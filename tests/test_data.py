@@ -7,8 +7,9 @@ from conftest import sentiment_rows, write_recipe, write_rows
 
 from peftlab.batches import make_loader
 from peftlab.config import load_recipe, recipe_from_dict
-from peftlab.data import format_report, load_labelled_data, tokenize_splits
+from peftlab.data import tokenize_splits
 from peftlab.errors import PeftlabError
+from peftlab.tasks.classification_data import format_report, load_labelled_data
 
 
 def recipe_for(train, **data):
@@ -254,7 +255,7 @@ def test_unknown_token_rate(tmp_path, tiny_bert):
 
 
 def test_unknown_tokens_are_reported_before_training(tmp_path, tiny_bert):
-    from peftlab.classification import prepare_classification
+    from peftlab.tasks.classification import prepare as prepare_classification
     for rows, warned in ((sentiment_rows(100), False), (foreign_rows(100), True)):
         path = write_recipe(tmp_path / "r.yaml", tiny_bert,
                             write_rows(tmp_path / "d.csv", rows))

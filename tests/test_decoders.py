@@ -6,8 +6,9 @@ from conftest import write_recipe
 
 from peftlab.artifacts import load_trained
 from peftlab.config import load_recipe, recipe_from_dict
-from peftlab.models import build_classifier, load_tokenizer
+from peftlab.models import load_tokenizer
 from peftlab.strategies import apply_strategy, layer_groups
+from peftlab.tasks.classification_model import build_classifier
 from peftlab.train import run
 
 

@@ -115,10 +115,10 @@ def test_causal_lm_loss_is_normalised_by_every_process_tokens(tmp_path, tiny_lla
                           eval={"max_new_tokens": 1, "batch_size": 4},
                           train={"epochs": 1, "batch_size": 2, "lr": 1e-2, "cpu": True,
                                  "group_by_length": False, "eval_every_steps": 3})
-    from peftlab.causal_lm import count_target_tokens
     from peftlab.config import load_recipe
     from peftlab.models import load_tokenizer
-    from peftlab.sft_data import collate_sft, load_sft_data
+    from peftlab.tasks.causal_lm import count_target_tokens
+    from peftlab.tasks.sft_data import collate_sft, load_sft_data
     tokenizer = load_tokenizer(str(tiny_llama), load_recipe(recipe))
     train = load_sft_data(load_recipe(recipe), tokenizer).splits["train"]
     collate = collate_sft(tokenizer.pad_token_id)

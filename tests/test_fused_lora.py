@@ -15,8 +15,8 @@ from transformers import AutoModelForSequenceClassification
 
 from peftlab.config import recipe_from_dict
 from peftlab.fused_lora import FusedLoraLinear
-from peftlab.models import build_classifier
 from peftlab.strategies import apply_strategy
+from peftlab.tasks.classification_model import build_classifier
 
 PRECISIONS = ["no", "bf16"]
 

@@ -87,7 +87,9 @@ def test_out_of_memory_names_peftlab_plan_and_the_knobs(full_recipe, tmp_path, c
                                                         monkeypatch):
     """No GPU here: the error CUDA raises is injected at step 3 of a real run."""
     import torch
-    prepare = peftlab.train.TASKS["classification"]
+
+    from peftlab.tasks import classification
+    prepare = classification.prepare
 
     def prepare_with_oom(recipe, say):
         task = prepare(recipe, say)
@@ -101,7 +103,7 @@ def test_out_of_memory_names_peftlab_plan_and_the_knobs(full_recipe, tmp_path, c
         task.batch_loss = loss
         return task
 
-    monkeypatch.setitem(peftlab.train.TASKS, "classification", prepare_with_oom)
+    monkeypatch.setattr(classification, "prepare", prepare_with_oom)
     code, err = train(full_recipe, tmp_path / "run", capsys)
     line = error_line(err)
     assert code == 2

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import write_recipe
 
-from peftlab.causal_lm import load_causal_lm
 from peftlab.cli import main
 from peftlab.config import recipe_from_dict
 from peftlab.memory import (
@@ -24,8 +23,9 @@ from peftlab.memory import (
     weight_bytes,
 )
 from peftlab.model_shape import shape_of
-from peftlab.models import build_classifier
 from peftlab.strategies import apply_strategy
+from peftlab.tasks.causal_lm import load_causal_lm
+from peftlab.tasks.classification_model import build_classifier
 
 
 def make_recipe(model_path, kind="lora", task="classification", precision="no", **train):

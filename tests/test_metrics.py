@@ -1,4 +1,4 @@
-from peftlab.metrics import classification_metrics
+from peftlab.tasks.classification_metrics import classification_metrics
 
 
 def test_macro_averages_skip_classes_absent_from_the_split():

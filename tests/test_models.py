@@ -5,7 +5,8 @@ import pytest
 
 from peftlab.config import recipe_from_dict
 from peftlab.errors import PeftlabError
-from peftlab.models import choose_pooling, resolve_model_path
+from peftlab.models import resolve_model_path
+from peftlab.tasks.classification_model import choose_pooling
 
 
 def test_model_from_a_folder_inside_an_installed_package(tmp_path, tiny_bert, monkeypatch):

@@ -8,11 +8,11 @@ import torch
 from conftest import write_recipe
 from transformers import AutoModelForCausalLM
 
-from peftlab.causal_lm import load_causal_lm
 from peftlab.config import load_recipe, recipe_from_dict
 from peftlab.errors import PeftlabError
 from peftlab.quantization import dequantize_linears
 from peftlab.strategies import apply_strategy
+from peftlab.tasks.causal_lm import load_causal_lm
 from peftlab.train import run
 
 

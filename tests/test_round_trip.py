@@ -30,10 +30,10 @@ from conftest import (
     write_rows,
 )
 
-from peftlab.artifacts import predict_texts
 from peftlab.config import load_recipe
 from peftlab.hardware import resolve_precision
 from peftlab.quantization import compute_dtype
+from peftlab.tasks.classification import predict_texts
 from peftlab.train import run
 
 STRATEGIES = {

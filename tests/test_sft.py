@@ -9,7 +9,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from peftlab.config import load_recipe
-from peftlab.sft_data import DEFAULT_CHAT_TEMPLATE, IGNORE, detect_sft_format, encode, pack, render
+from peftlab.tasks.sft_data import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE,
+    detect_sft_format,
+    encode,
+    pack,
+    render,
+)
 from peftlab.train import run
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -191,8 +198,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_llama, kernel):
     transformers builds one causal block per example from the restarted position_ids."""
     from transformers import AutoModelForCausalLM
 
-    from peftlab.causal_lm import token_losses
-    from peftlab.sft_data import collate_sft
+    from peftlab.tasks.causal_lm import token_losses
+    from peftlab.tasks.sft_data import collate_sft
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=kernel).eval()
     first = {"input_ids": [1, 10, 11, 12, 13, 14], "labels": [IGNORE, 10, 11, 12, 13, 14]}
     second = {"input_ids": [1, 20, 21, 22, 23], "labels": [IGNORE, 20, 21, 22, 23]}
@@ -215,7 +222,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_llama, kernel):
 
 def test_max_train_samples_counts_examples_before_packing(tmp_path, tiny_llama):
     from peftlab.models import load_tokenizer
-    from peftlab.sft_data import load_sft_data
+    from peftlab.tasks.sft_data import load_sft_data
     recipe = load_recipe(write_recipe(
         tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path, n=60),
         model={"task": "causal_lm", "max_length": 128},

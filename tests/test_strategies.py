@@ -3,8 +3,8 @@
 import pytest
 
 from peftlab.config import recipe_from_dict
-from peftlab.models import build_classifier
 from peftlab.strategies import apply_strategy, layer_groups, open_groups
+from peftlab.tasks.classification_model import build_classifier
 
 LAYER0 = "bert.encoder.layer.0."
 LAYER1 = "bert.encoder.layer.1."
@@ -115,7 +115,7 @@ def test_mean_pool_lora_adapts_body_and_trains_head(tiny_bert):
 def test_frozen_base_is_bf16_under_bf16_training_and_what_trains_is_fp32(tiny_bert, kind):
     import torch
 
-    from peftlab.models import load_classifier
+    from peftlab.tasks.classification_model import load_classifier
     recipe = recipe_from_dict({"model": {"name": str(tiny_bert), "pooling": "cls"},
                                "data": {"train": "x.csv"}, "strategy": {"kind": kind},
                                "train": {"mixed_precision": "bf16", "cpu": True}})
@@ -135,7 +135,7 @@ def test_frozen_base_is_bf16_under_bf16_training_and_what_trains_is_fp32(tiny_be
 def test_full_fine_tuning_keeps_fp32_weights_under_bf16(tiny_bert):
     import torch
 
-    from peftlab.models import load_classifier
+    from peftlab.tasks.classification_model import load_classifier
     recipe = recipe_from_dict({"model": {"name": str(tiny_bert), "pooling": "cls"},
                                "data": {"train": "x.csv"}, "strategy": {"kind": "full"},
                                "train": {"mixed_precision": "bf16", "cpu": True}})

@@ -7,8 +7,9 @@ import torch
 from conftest import reset_accelerate_state, write_recipe
 from safetensors.torch import load_file
 
-from peftlab.artifacts import load_trained, predict_texts
+from peftlab.artifacts import load_trained
 from peftlab.config import load_recipe
+from peftlab.tasks.classification import predict_texts
 from peftlab.train import run
 
 TEXTS = ["the movie was really great", "a terrible and boring film", "this show is nice",

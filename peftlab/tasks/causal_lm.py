@@ -16,15 +16,26 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from peftlab.artifacts import write_info
+from peftlab.artifacts import attach_adapter, base_path, write_info
 from peftlab.batches import make_loader
 from peftlab.config import Recipe
-from peftlab.lm_loss import token_losses
+from peftlab.errors import PeftlabError
+from peftlab.hardware import precision_context
+from peftlab.lm_loss import logits_bytes, token_losses
 from peftlab.models import hub_kwargs, load_error, load_tokenizer, resolve_model_path
-from peftlab.quantization import guard_cpu_repacking, load_kwargs
-from peftlab.sft_data import IGNORE, collate_sft, load_sft_data
+from peftlab.quantization import dequantize_linears, guard_cpu_repacking, load_kwargs
 from peftlab.strategies import PEFT_KINDS, apply_strategy
 from peftlab.task import Task
+from peftlab.tasks.sft_data import IGNORE, collate_sft, load_sft_data
+
+METRICS = ("loss", "perplexity")  # train.metric_for_best
+NEW_HEAD = False  # lm_head is pretrained: it stays frozen under adapters
+PREDICT_OPTIONS = (
+    (("--prompt",), {"action": "append", "help": "causal-LM runs: a prompt to continue "
+                                                 "(repeatable)"}),
+    (("--max-new-tokens",), {"type": int, "default": 128, "help": "generation length"}),
+    (("--temperature",), {"type": float, "default": 0.0, "help": "0 = greedy"}),
+)
 
 
 def summed_token_loss(model: nn.Module, batch: dict, chunked: bool = True,
@@ -88,7 +99,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int,
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def prepare_causal_lm(recipe: Recipe, say) -> Task:
+def prepare(recipe: Recipe, say) -> Task:
     path = resolve_model_path(recipe.model.name, recipe)
     tokenizer = load_tokenizer(path, recipe)
     data = load_sft_data(recipe, tokenizer)
@@ -134,3 +145,54 @@ def prepare_causal_lm(recipe: Recipe, say) -> Task:
                 evaluate=partial(evaluate_lm, **loss_path), save=save, default_metric="loss",
                 history_keys=("loss", "perplexity"), summary={"sft_format": data.fmt},
                 on_evaluate=write_samples)
+
+
+def load(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
+    tokenizer = load_tokenizer(str(folder), recipe)
+    if info["artifact"] == "adapter":
+        base = load_causal_lm(base_path(recipe, info), recipe)
+        if dequantize:
+            dequantize_linears(base)
+        model = attach_adapter(base, folder, recipe)
+    else:
+        model = load_causal_lm(str(folder), recipe)
+    return model.eval(), tokenizer
+
+
+def eval_loaders(recipe: Recipe, tokenizer, info: dict, data_file: str | None):
+    if data_file:  # the run's row format and lengths, another file, scored whole
+        recipe.data.train = recipe.data.validation = str(Path(data_file).resolve())
+        recipe.data.test, recipe.data.split_ratios = None, [1.0, 0.0, 0.0]
+    data = load_sft_data(recipe, tokenizer)
+    collate = collate_sft(tokenizer.pad_token_id)
+    splits = ["validation"] if data_file else [s for s in data.splits if s != "train"]
+    loaders = {("eval" if data_file else split): make_loader(
+        data.splits[split], recipe.eval.batch_size, collate=collate, train=False, seed=0)
+        for split in splits}
+    return loaders, evaluate_lm
+
+
+def predict(args, run_dir: Path, info: dict) -> None:
+    """Each prompt rendered as the run's training prompts were, then greedy (or sampled,
+    with --temperature) generation until EOS."""
+    from peftlab.artifacts import load_trained
+    if not args.prompt:
+        raise PeftlabError(f"{run_dir}: a causal-LM run; use --prompt \"...\"")
+    model, tokenizer, _, info = load_trained(run_dir)
+    chat = info.get("sft_format") in ("alpaca", "chat")
+    for prompt in args.prompt:
+        shown = prompt_text(tokenizer, [{"role": "user", "content": prompt}] if chat else
+                            (prompt, ""), "chat" if chat else "text")
+        with precision_context(info["precision"], next(model.parameters()).device):
+            print(generate(model, tokenizer, shown, args.max_new_tokens, args.temperature))
+
+
+def meta_model(config, recipe: Recipe) -> nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def output_bytes(recipe: Recipe, tokens: int, vocab: int, training: bool) -> float:
+    """One chunk of logits over the vocabulary (the whole when the loss is not chunked)."""
+    return logits_bytes(tokens, vocab, recipe.train.chunked_lm_loss,
+                        recipe.train.lm_loss_chunk_tokens, training=training)
