@@ -98,7 +98,9 @@ def main() -> None:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(
             task_type="TOKEN_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
-            target_modules="all-linear"))
+            # every linear layer of the encoder (peftlab's default); the tag head trains in
+            # full through TOKEN_CLS's modules_to_save
+            target_modules=["query", "key", "value", "dense"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def compute_metrics(prediction):
@@ -117,10 +119,11 @@ def main() -> None:
         output_dir=str(Path(args.out).parent / "trainer_out"), num_train_epochs=args.epochs,
         learning_rate=args.lr, per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=args.eval_batch, weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio, lr_scheduler_type="linear", max_grad_norm=1.0,
+        warmup_steps=args.warmup_ratio,  # below 1: a ratio of the steps, in transformers 5
+        lr_scheduler_type="linear", max_grad_norm=1.0,
         seed=args.seed, bf16=args.precision == "bf16", use_cpu=not torch.cuda.is_available(),
         eval_strategy="no", save_strategy="no", report_to=[], logging_steps=50,
-        group_by_length=True, dataloader_num_workers=0, disable_tqdm=True)
+        train_sampling_strategy="group_by_length", dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=training, train_dataset=data["train"],
                       data_collator=DataCollatorForTokenClassification(tokenizer),
                       compute_metrics=compute_metrics)

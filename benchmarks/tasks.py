@@ -1,16 +1,20 @@
-"""NER (and later QA) side by side: peftlab full and LoRA against the same job as a plain HF
-Trainer script (benchmarks/hf_trainer_ner.py, in the style of run_ner.py), interleaved.
+"""NER and extractive QA side by side: peftlab full and LoRA against the same job as a plain
+HF Trainer script (benchmarks/hf_trainer_ner.py / hf_trainer_qa.py, in the style of
+transformers' run_ner.py / run_qa.py), interleaved in one invocation.
 
 Each round runs every configuration once, in its own process, in a rotated order. Both sides
 get the recipe's model, data, epochs, lr, batch, max length, weight decay, warmup and seed,
 and the LoRA rank/alpha of the LoRA recipe; neither evaluates inside the loop or checkpoints.
-Scores are on test: peftlab's are over every gold word (a word cut off by max_length counts
-as O); the Trainer script's over the words the tokenizer kept, as run_ner.py does (at
-max_length 128 CoNLL-2003 loses almost none).
+Scores are on test. NER: peftlab's are over every gold word (a word cut off by max_length
+counts as O); the Trainer script's over the words the tokenizer kept, as run_ner.py does (at
+max_length 128 CoNLL-2003 loses almost none). QA: XQuAD-en has no train split; peftlab's
+article-wise split (seeded) is written out as SQuAD JSON for the Trainer script, so both
+train and test on the same questions; `trainer_untrained` scores the pretrained body with a
+fresh span head, untrained (the floor the task's target is measured from).
 
-Usage: PEFTLAB_DATA=../shared/data python benchmarks/tasks.py [--rounds 1]
+Usage: PEFTLAB_DATA=../shared/data python benchmarks/tasks.py --task ner|qa [--rounds 1]
            [--configs peftlab_full,peftlab_lora,trainer_full,trainer_lora]
-           [--precision bf16] [--set train.epochs=1 ...] [--tag tasks_conll2003_cpu]
+           [--precision bf16] [--set train.epochs=1 ...] [--tag tasks_<task>_cpu]
 Writes benchmarks/results/<tag>.json and <tag>.md.
 """
 
@@ -30,8 +34,12 @@ from peftlab.config import load_recipe, resolve_data_path
 from peftlab.models import resolve_model_path
 
 RESULTS = Path(__file__).parent / "results"
-RECIPES = {"full": "recipes/minilm_conll2003_full.yaml",
-           "lora": "recipes/minilm_conll2003_lora.yaml"}
+RECIPES = {"ner": {"full": "recipes/minilm_conll2003_full.yaml",
+                   "lora": "recipes/minilm_conll2003_lora.yaml"},
+           "qa": {"full": "recipes/minilm_xquad_en_full.yaml",
+                  "lora": "recipes/minilm_xquad_en_lora.yaml",
+                  "untrained": "recipes/minilm_xquad_en_full.yaml"}}
+SCORES = {"ner": ("f1", "precision", "recall", "accuracy"), "qa": ("f1", "exact_match")}
 COMMON = ["train.keep_checkpoints=0", "output.tensorboard=false"]
 
 
@@ -43,40 +51,68 @@ def overrides(args) -> list[str]:
 
 def run_peftlab(args, kind: str, out: Path) -> dict:
     extra = overrides(args)
+    recipe_path = RECIPES[args.task][kind]
     tick = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "peftlab", "train", RECIPES[kind], *extra,
+    subprocess.run([sys.executable, "-m", "peftlab", "train", recipe_path, *extra,
                     "--output-dir", str(out), "--overwrite"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - tick
     summary = json.loads((out / "summary.json").read_text())
     test = json.loads((out / "metrics.json").read_text())["test"]
-    return {"wall_seconds": round(wall, 2),
-            "train_seconds": round(summary["train_seconds"] - summary["eval_seconds"], 2),
-            "peak_memory_mb": summary["peak_memory_mb"], "steps": summary["steps"],
-            "trainable_params": summary["trainable_params"],
-            "test": {k: test[k] for k in ("f1", "precision", "recall", "accuracy")},
-            "test_per_type_f1": {k: v["f1"] for k, v in test["per_type"].items()},
-            "command": " ".join(["peftlab train", RECIPES[kind], *extra])}
+    record = {"wall_seconds": round(wall, 2),
+              "train_seconds": round(summary["train_seconds"] - summary["eval_seconds"], 2),
+              "peak_memory_mb": summary["peak_memory_mb"], "steps": summary["steps"],
+              "trainable_params": summary["trainable_params"],
+              "test": {k: test[k] for k in SCORES[args.task]},
+              "command": " ".join(["peftlab train", recipe_path, *extra])}
+    if "per_type" in test:
+        record["test_per_type_f1"] = {k: v["f1"] for k, v in test["per_type"].items()}
+    return record
+
+
+def squad_json(split, path: Path) -> str:
+    """A peftlab QA split as SQuAD v1.1 JSON (one paragraph per question), for the script."""
+    articles: dict[str, list] = {}
+    for row in split:
+        articles.setdefault(row["title"], []).append({"context": row["context"], "qas": [{
+            "id": row["id"], "question": row["question"], "answers": [
+                {"text": t, "answer_start": s}
+                for t, s in zip(row["answer_text"], row["answer_start"])]}]})
+    path.write_text(json.dumps({"version": "1.1", "data": [
+        {"title": title, "paragraphs": paragraphs} for title, paragraphs in articles.items()]}))
+    return str(path)
 
 
 def run_trainer(args, kind: str, out: Path) -> dict:
-    recipe = load_recipe(RECIPES[kind], overrides(args))
+    recipe = load_recipe(RECIPES[args.task][kind], overrides(args))
     data, train, strategy = recipe.data, recipe.train, recipe.strategy
-    command = [sys.executable, str(Path(__file__).parent / "hf_trainer_ner.py"),
+    out.mkdir(parents=True, exist_ok=True)
+    script = {"ner": "hf_trainer_ner.py", "qa": "hf_trainer_qa.py"}[args.task]
+    command = [sys.executable, str(Path(__file__).parent / script),
                "--model", resolve_model_path(recipe.model.name, recipe),
-               *[flag for split in ("train", "validation", "test") for flag in (
-                   f"--{split}", resolve_data_path(getattr(data, split), recipe))],
                "--epochs", str(train.epochs), "--lr", str(train.lr),
                "--batch", str(train.batch_size), "--eval-batch", str(recipe.eval.batch_size),
                "--max-length", str(recipe.model.max_length),
                "--weight-decay", str(train.weight_decay), "--warmup-ratio",
                str(train.warmup_ratio), "--seed", str(train.seed), "--precision",
                args.precision, "--out", str(out / "trainer.json")]
+    if args.task == "ner":
+        command += [flag for split in ("train", "validation", "test") for flag in (
+            f"--{split}", resolve_data_path(getattr(data, split), recipe))]
+        if data.max_train_samples:
+            command += ["--max-train-samples", str(data.max_train_samples)]
+    else:
+        from peftlab.tasks.qa_data import load_qa_data
+        splits = load_qa_data(recipe).splits  # peftlab's article-wise split, the same here
+        command += ["--train", squad_json(splits["train"], out / "train.json"),
+                    "--test", squad_json(splits["test"], out / "test.json"),
+                    "--doc-stride", str(data.doc_stride),
+                    "--n-best", str(recipe.eval.n_best),
+                    "--max-answer-length", str(recipe.eval.max_answer_length)]
+        if kind == "untrained":
+            command.append("--untrained")
     if kind == "lora":
         command += ["--lora-r", str(strategy.lora_r), "--lora-alpha", str(strategy.lora_alpha)]
-    if data.max_train_samples:
-        command += ["--max-train-samples", str(data.max_train_samples)]
-    out.mkdir(parents=True, exist_ok=True)
     tick = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - tick
@@ -84,26 +120,28 @@ def run_trainer(args, kind: str, out: Path) -> dict:
     return {"wall_seconds": round(wall, 2), "train_seconds": result["train_seconds"],
             "peak_memory_mb": result["peak_memory_mb"], "steps": result["steps"],
             "trainable_params": result["trainable_params"],
-            "test": {k: result["test"][k] for k in ("f1", "precision", "recall", "accuracy")},
+            "test": {k: result["test"][k] for k in SCORES[args.task]},
             "command": " ".join(["python", *command[1:]])}
 
 
-def markdown(records: list[dict]) -> str:
-    lines = ["| config | test F1 | precision | recall | train | wall | peak RSS | trainable |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown(records: list[dict], task: str) -> str:
+    scores = SCORES[task]
+    lines = ["| config | " + " | ".join(f"test {k}" for k in scores) +
+             " | train | wall | peak RSS | trainable |",
+             "|---|" + "---|" * (len(scores) + 4)]
     groups: dict[str, list] = {}
     for record in records:
         groups.setdefault(record["config"], []).append(record)
+    scale = 100 if task == "ner" else 1  # NER scores are shares, SQuAD's percentages
     for config, rows in groups.items():
         def cell(get, fmt, rows=rows):
             values = [get(row) for row in rows]
             middle = statistics.median(values)
             return f"{middle:{fmt}}" + (f" ({min(values):{fmt}}-{max(values):{fmt}})"
                                         if len(values) > 1 else "")
-        lines.append(f"| {config} | {cell(lambda r: 100 * r['test']['f1'], '.2f')} | "
-                     f"{cell(lambda r: 100 * r['test']['precision'], '.2f')} | "
-                     f"{cell(lambda r: 100 * r['test']['recall'], '.2f')} | "
-                     f"{cell(lambda r: r['train_seconds'], '.0f')} s | "
+        cells = [cell(lambda r, k=k: scale * r["test"][k], ".2f") for k in scores]
+        lines.append(f"| {config} | " + " | ".join(cells) +
+                     f" | {cell(lambda r: r['train_seconds'], '.0f')} s | "
                      f"{cell(lambda r: r['wall_seconds'], '.0f')} s | "
                      f"{cell(lambda r: r['peak_memory_mb'], ',.0f')} MB | "
                      f"{rows[0]['trainable_params']:,} |")
@@ -112,19 +150,21 @@ def markdown(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(RECIPES), default="ner")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--configs", default="peftlab_full,peftlab_lora,trainer_full,"
                                              "trainer_lora")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "no"])
-    parser.add_argument("--tag", default="tasks_conll2003_cpu")
+    parser.add_argument("--tag", help="default: tasks_<task>_cpu")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     args = parser.parse_args()
     configs = args.configs.split(",")
+    args.tag = args.tag or f"tasks_{args.task}_cpu"
     records = []
     for round_index in range(args.rounds):
         shift = round_index % len(configs)
         for config in configs[shift:] + configs[:shift]:
-            side, kind = config.split("_")
+            side, kind = config.split("_", 1)
             out = Path("runs/bench") / args.tag / f"r{round_index}_{config}"
             record = (run_peftlab if side == "peftlab" else run_trainer)(args, kind, out)
             records.append({"config": config, "round": round_index,
@@ -134,7 +174,7 @@ def main() -> None:
             (RESULTS / f"{args.tag}.json").write_text(json.dumps(
                 {"command": " ".join(["python benchmarks/tasks.py", *sys.argv[1:]]),
                  "machine": machine(), "records": records}, indent=2))
-    table = markdown(records)
+    table = markdown(records, args.task)
     (RESULTS / f"{args.tag}.md").write_text(table + "\n")
     print(table)
 

@@ -59,6 +59,14 @@ class DataConfig:
     tags_column: str = "ner_tags"  # token_classification tables: each word's tag (or tag id)
     conll_columns: list[int] = field(default_factory=lambda: [0, -1])  # CoNLL: token, tag
     label_all_subtokens: bool = False  # token_classification: tag every sub-token, not the 1st
+    question_column: str = "question"  # question_answering flat rows (SQuAD JSON: fixed keys)
+    context_column: str = "context"  # question_answering: the passage the answer is cut from
+    answer_column: str = "answer_text"  # question_answering: answer text ("" = unanswerable)
+    answer_start_column: str = "answer_start"  # question_answering: its character offset
+    id_column: str = "id"  # question_answering: question ids (default: row numbers)
+    title_column: str = "title"  # question_answering: article; missing splits keep articles whole
+    doc_stride: int = 128  # question_answering: overlap of the windows of a long context
+    bad_answers: str = "error"  # question_answering: error | drop an answer not at its start
 
 
 @dataclass
@@ -116,6 +124,10 @@ class EvalConfig:
     trust_hub_metrics: bool = False
     sample_prompts: list[str] = field(default_factory=list)  # causal_lm: default 3 val prompts
     max_new_tokens: int = 64  # causal_lm: length of the sample generations
+    max_answer_length: int = 30  # question_answering: longest answer, in tokens
+    n_best: int = 20  # question_answering: start and end candidates scored per window
+    null_threshold: float = 0.0  # question_answering with unanswerable questions: answer ""
+    # when the no-answer score beats the best span by more than this
 
 
 @dataclass
@@ -149,6 +161,7 @@ CHOICES = {
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
     "data.sft_format": ("auto", "alpaca", "chat", "prompt_completion", "text"),
     "data.label_case": ("keep", "lower"),
+    "data.bad_answers": ("error", "drop"),
 }
 
 # the smallest valid value of each numeric field that has one
@@ -158,7 +171,8 @@ MINIMUMS = {"model.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "train.keep_checkpoints": 0, "train.lm_loss_chunk_tokens": 0,
             "train.eval_every_steps": 0,
             "train.early_stopping_patience": 0, "train.max_grad_norm": 0,
-            "train.warmup_ratio": 0, "data.max_train_samples": 0, "data.max_eval_samples": 0}
+            "train.warmup_ratio": 0, "data.max_train_samples": 0, "data.max_eval_samples": 0,
+            "data.doc_stride": 0, "eval.max_answer_length": 1, "eval.n_best": 1}
 
 
 # a boolean field also takes the words YAML 1.1 read as booleans

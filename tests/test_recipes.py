@@ -103,6 +103,7 @@ def test_every_shipped_recipe_trains_on_a_tiny_model_of_its_architecture(
                  "train.eval_every_steps=0", "train.keep_checkpoints=0",
                  f"train.batch_size={min(recipe.train.batch_size, 4)}",
                  f"model.max_length={min(recipe.model.max_length, 128)}",
+                 f"data.doc_stride={min(recipe.data.doc_stride, 32)}",
                  "data.max_train_samples=48", "data.max_eval_samples=12",
                  "eval.batch_size=4", "eval.max_new_tokens=2", "output.tensorboard=false"]
     recipe = load_recipe(path, overrides)

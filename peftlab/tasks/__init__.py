@@ -7,12 +7,18 @@ from __future__ import annotations
 
 from peftlab.errors import PeftlabError
 from peftlab.task import TaskModule
-from peftlab.tasks import causal_lm, classification, token_classification
+from peftlab.tasks import (
+    causal_lm,
+    classification,
+    question_answering,
+    token_classification,
+)
 
 TASKS: dict[str, TaskModule] = {
     "classification": classification,
     "causal_lm": causal_lm,
     "token_classification": token_classification,
+    "question_answering": question_answering,
 }
 
 
