@@ -16,10 +16,20 @@ from safetensors import SafetensorError, safe_open
 from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
 from peftlab.fused_lora import use_fused_lora
-from peftlab.models import resolve_model_path
-from peftlab.quantization import quantization_kind
+from peftlab.models import load_tokenizer, resolve_model_path
+from peftlab.quantization import dequantize_linears, quantization_kind
 
 INFO_FILE = "peftlab.json"
+
+
+def save_artifact(model, tokenizer, run_dir: Path, peft: bool, info: dict) -> Path:
+    """The trained model (`model/`) or adapter (`adapter/`) with its tokenizer, and
+    peftlab.json with `info` (the task and its facts); returns the folder."""
+    folder = run_dir / ("adapter" if peft else "model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_info(run_dir, {"artifact": folder.name, **info})
+    return folder
 
 
 def write_info(run_dir: Path, info: dict) -> None:
@@ -77,6 +87,21 @@ def attach_adapter(base, folder: Path, recipe: Recipe):
         name = getattr(base, "name_or_path", "") or "the recipe model"
         raise PeftlabError(f"{folder}: this adapter was trained on another base model than "
                            f"{name} ({detail})") from None
+
+
+def load_artifact(folder: Path, recipe: Recipe, info: dict, dequantize: bool, build):
+    """(model in eval mode, tokenizer) of a run whose artifact is a transformers model or
+    a peft adapter over one: `build(path)` makes the model from a folder (the base, or the
+    full fine-tune); the adapter goes on top of a (dequantized, for merging) base."""
+    tokenizer = load_tokenizer(str(folder), recipe)
+    if info["artifact"] == "adapter":
+        model = build(base_path(recipe, info))
+        if dequantize:
+            dequantize_linears(model)
+        model = attach_adapter(model, folder, recipe)
+    else:
+        model = build(str(folder))
+    return model.eval(), tokenizer
 
 
 def check_weights_files(folder: Path) -> None:

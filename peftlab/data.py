@@ -8,6 +8,8 @@ leaves out. What a row means (a label, a tag sequence, a chat) is the task's bus
 
 from __future__ import annotations
 
+import random
+
 import datasets
 from sklearn.model_selection import train_test_split
 
@@ -30,6 +32,41 @@ def stratified_split(n_rows: int, labels: list[int], size: float, seed: int):
         return train_test_split(indices, test_size=size, random_state=seed, stratify=stratify)
     except ValueError:  # too few rows per class for the requested size
         return train_test_split(indices, test_size=size, random_state=seed)
+
+
+def missing_split_shares(present, recipe: Recipe) -> dict[str, float]:
+    """Which share of train a missing validation/test split takes, keeping the recipe's
+    train/val/test ratios: with both missing, test takes its share of all rows and
+    validation its share of the rest; with one missing, r / (train_ratio + r) of train.
+    Splits that are present (or have a zero ratio) are not in the result."""
+    train_ratio, val_ratio, test_ratio = recipe.data.split_ratios
+    shares = {"test": test_ratio if "validation" not in present else
+              test_ratio / max(train_ratio + test_ratio, 1e-9),
+              "validation": val_ratio / max(train_ratio + val_ratio, 1e-9)}
+    return {split: share for split, share in shares.items()
+            if split not in present and share > 0}
+
+
+def random_rows(rows: dict[str, list], count: int | None, seed: int) -> dict[str, list]:
+    """A seeded random `count` of column-dict rows, in their order (all when fewer)."""
+    size = len(next(iter(rows.values())))
+    if not count or size <= count:
+        return rows
+    chosen = sorted(random.Random(seed).sample(range(size), count))
+    return {k: [v[i] for i in chosen] for k, v in rows.items()}
+
+
+def limited_splits(rows: dict[str, dict], recipe: Recipe, report: dict) -> datasets.DatasetDict:
+    """Column-dict splits -> a DatasetDict, after data.max_train_samples (train) and
+    data.max_eval_samples (validation, test), seeded; the report gets each split's `used`."""
+    limits = {"train": recipe.data.max_train_samples, "validation": recipe.data.max_eval_samples,
+              "test": recipe.data.max_eval_samples}
+    splits = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict(random_rows(columns, limits[split], recipe.train.seed))
+        for split, columns in rows.items()})
+    for split in splits:
+        report.setdefault(split, {})["used"] = len(splits[split])
+    return splits
 
 
 def read_splits(recipe: Recipe) -> dict[str, datasets.Dataset]:

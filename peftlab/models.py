@@ -8,10 +8,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from torch import nn
 from transformers import AutoTokenizer
 
 from peftlab.config import Recipe
 from peftlab.errors import PeftlabError
+from peftlab.quantization import guard_cpu_repacking, load_kwargs
 
 
 def resolve_model_path(name: str, recipe: Recipe | None = None) -> str:
@@ -86,3 +88,15 @@ def load_tokenizer(path: str, recipe: Recipe):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_pretrained(auto_class, path: str, recipe: Recipe, **kwargs) -> nn.Module:
+    """`auto_class.from_pretrained(path)` with the recipe's quantization and hub settings:
+    a failure is load_error's one line, and the CPU repacking trap is cleared."""
+    try:
+        model = auto_class.from_pretrained(path, **kwargs, **load_kwargs(recipe),
+                                           **hub_kwargs(recipe))
+    except (OSError, ValueError, ImportError) as err:
+        raise load_error(recipe.model.name, err) from None
+    guard_cpu_repacking(model)
+    return model

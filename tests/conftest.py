@@ -62,15 +62,19 @@ def fresh_accelerator_state():
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 BERT with a word-level vocabulary of the test words."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"),
+                          SPECIAL + sorted(set(POSITIVE + NEGATIVE + NEUTRAL)))
+
+
+def save_tiny_bert(folder: Path, vocab: list[str], hidden: int = 32, heads: int = 2,
+                   positions: int = 64) -> Path:
+    """A 2-layer BERT without dropout and a WordPiece tokenizer of `vocab`, seeded."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + NEUTRAL))
-    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
-    tokenizer.save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, hidden_dropout_prob=0.0,
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=heads, intermediate_size=2 * hidden,
+                        max_position_embeddings=positions, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)

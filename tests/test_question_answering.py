@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SPECIAL
+from conftest import REPO, SPECIAL, save_tiny_bert
 
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
@@ -71,16 +71,8 @@ def write_squad(path: Path, count: int, seed: int, filler: int = 3,
 
 @pytest.fixture(scope="session")
 def qa_bert(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    folder = tmp_path_factory.mktemp("qa_bert")
-    BertTokenizerFast(vocab={word: i for i, word in enumerate(VOCAB)}).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=96,
-                        max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("qa_bert"), VOCAB, hidden=48, heads=4,
+                          positions=128)
 
 
 @pytest.fixture(scope="session")

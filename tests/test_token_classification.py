@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SPECIAL
+from conftest import SPECIAL, save_tiny_bert
 
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
@@ -51,15 +51,7 @@ def write_conll(path: Path, count: int, seed: int) -> Path:
 
 @pytest.fixture(scope="session")
 def ner_bert(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    folder = tmp_path_factory.mktemp("ner_bert")
-    BertTokenizerFast(vocab={word: i for i, word in enumerate(VOCAB)}).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("ner_bert"), VOCAB)
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +128,37 @@ def test_jsonl_rows_and_missing_splits(tmp_path, ner_bert):
     assert sizes == {"train": 40, "validation": 5, "test": 5}
     again = load_tagged_data(recipe)  # seeded: the same sentences every time
     assert again.splits["test"]["tokens"] == data.splits["test"]["tokens"]
+
+
+def test_datasets_folder_with_class_label_tags(tmp_path, ner_bert):
+    """A saved DatasetDict (the hub's conll2003 layout): integer tags named by the
+    ClassLabel feature, its own validation and test splits."""
+    import datasets
+
+    from peftlab.config import load_recipe
+    from peftlab.tasks.ner_data import load_tagged_data
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+    features = datasets.Features({
+        "tokens": datasets.Sequence(datasets.Value("string")),
+        "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names))})
+    rng = random.Random(0)
+
+    def split(count):
+        rows = [tagged_sentence(rng) for _ in range(count)]
+        return datasets.Dataset.from_dict(
+            {"tokens": [[w for w, _ in r] for r in rows],
+             "ner_tags": [[names.index(t) for _, t in r] for r in rows]}, features=features)
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": split(30), "validation": split(6),
+                          "test": split(5)}).save_to_disk(str(folder))
+    data = load_tagged_data(load_recipe(ner_recipe(tmp_path / "r.yaml", ner_bert,
+                                                   {"train": folder})))
+    assert {s: len(d) for s, d in data.splits.items()} == {"train": 30, "validation": 6,
+                                                           "test": 5}
+    first = data.splits["train"][0]
+    expected = tagged_sentence(random.Random(0))  # the first sentence split(30) drew
+    assert first["tokens"] == [w for w, _ in expected]
+    assert [data.tag_names[t] for t in first["tags"]] == [t for _, t in expected]
 
 
 def test_labels_sit_on_the_first_sub_token(ner_bert):

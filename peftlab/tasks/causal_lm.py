@@ -16,14 +16,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from peftlab.artifacts import attach_adapter, base_path, write_info
+from peftlab.artifacts import load_artifact, save_artifact
 from peftlab.batches import make_loader
 from peftlab.config import Recipe
 from peftlab.errors import PeftlabError
 from peftlab.hardware import precision_context
 from peftlab.lm_loss import logits_bytes, token_losses
-from peftlab.models import hub_kwargs, load_error, load_tokenizer, resolve_model_path
-from peftlab.quantization import dequantize_linears, guard_cpu_repacking, load_kwargs
+from peftlab.models import load_pretrained, load_tokenizer, resolve_model_path
 from peftlab.strategies import PEFT_KINDS, apply_strategy
 from peftlab.task import Task
 from peftlab.tasks.sft_data import IGNORE, collate_sft, load_sft_data
@@ -64,13 +63,7 @@ def evaluate_lm(model, loader, accelerator, final: bool = False, chunked: bool =
 
 
 def load_causal_lm(path: str, recipe: Recipe) -> nn.Module:
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(recipe),
-                                                     **hub_kwargs(recipe))
-    except (OSError, ValueError, ImportError) as err:
-        raise load_error(recipe.model.name, err) from None
-    guard_cpu_repacking(model)
-    return model
+    return load_pretrained(AutoModelForCausalLM, path, recipe)
 
 
 def prompt_text(tokenizer, example, fmt: str) -> str:
@@ -129,13 +122,9 @@ def prepare(recipe: Recipe, say) -> Task:
                              + "\n")
 
     def save(unwrapped: nn.Module, run_dir: Path, precision: str) -> None:
-        peft = recipe.strategy.kind in PEFT_KINDS
-        folder = run_dir / ("adapter" if peft else "model")
-        unwrapped.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        write_info(run_dir, {"artifact": folder.name, "task": "causal_lm",
-                             "sft_format": data.fmt, "base_model": path,
-                             "precision": precision})
+        save_artifact(unwrapped, tokenizer, run_dir, recipe.strategy.kind in PEFT_KINDS,
+                      {"task": "causal_lm", "sft_format": data.fmt, "base_model": path,
+                       "precision": precision})
 
     loss_path = {"chunked": recipe.train.chunked_lm_loss,
                  "chunk": recipe.train.lm_loss_chunk_tokens}
@@ -148,15 +137,8 @@ def prepare(recipe: Recipe, say) -> Task:
 
 
 def load(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
-    tokenizer = load_tokenizer(str(folder), recipe)
-    if info["artifact"] == "adapter":
-        base = load_causal_lm(base_path(recipe, info), recipe)
-        if dequantize:
-            dequantize_linears(base)
-        model = attach_adapter(base, folder, recipe)
-    else:
-        model = load_causal_lm(str(folder), recipe)
-    return model.eval(), tokenizer
+    return load_artifact(folder, recipe, info, dequantize,
+                         lambda path: load_causal_lm(path, recipe))
 
 
 def eval_loaders(recipe: Recipe, tokenizer, info: dict, data_file: str | None):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from peftlab.config import Recipe
-from peftlab.data import SPLITS, read_splits, stratified_split, where
+from peftlab.data import SPLITS, missing_split_shares, read_splits, stratified_split, where
 from peftlab.errors import PeftlabError
 from peftlab.sources import pick_split, read_source
 
@@ -199,13 +199,8 @@ def split_missing(ids: dict, recipe: Recipe, report: dict) -> dict:
     With both missing, test takes its share of all rows and validation its share of the rest;
     with one missing, it takes share r / (train_ratio + r) of train.
     """
-    train_ratio, val_ratio, test_ratio = recipe.data.split_ratios
-    shares = {"test": test_ratio if "validation" not in ids else
-              test_ratio / max(train_ratio + test_ratio, 1e-9),
-              "validation": val_ratio / max(train_ratio + val_ratio, 1e-9)}
-    for split in ("test", "validation"):
-        if split in ids or shares[split] <= 0:
-            continue
+    shares = missing_split_shares(ids, recipe)
+    for split in shares:
         train = ids["train"]
         if len(train["labels"]) * shares[split] < 1 or shares[split] >= 1:
             raise PeftlabError(f"data.train: too few rows ({len(train['labels'])}) to split off "

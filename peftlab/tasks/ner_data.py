@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 
 from peftlab.config import Recipe, resolve_data_path
-from peftlab.data import SPLITS, where
+from peftlab.data import SPLITS, limited_splits, missing_split_shares, where
 from peftlab.errors import PeftlabError
 from peftlab.sources import pick_split, read_source
 
@@ -150,15 +150,9 @@ def tag_vocabulary(train_tags: list[list[str]]) -> list[str]:
 
 def _split_off(rows: dict[str, dict], recipe: Recipe, report: dict) -> dict[str, dict]:
     """Missing validation/test: seeded random sentences of train, in the recipe's ratios."""
-    train_ratio, val_ratio, test_ratio = recipe.data.split_ratios
-    shares = {"test": test_ratio if "validation" not in rows else
-              test_ratio / max(train_ratio + test_ratio, 1e-9),
-              "validation": val_ratio / max(train_ratio + val_ratio, 1e-9)}
-    for split in ("test", "validation"):
-        if split in rows or shares[split] <= 0:
-            continue
+    for split, share in missing_split_shares(rows, recipe).items():
         train = rows["train"]
-        count = int(len(train["tokens"]) * shares[split])
+        count = int(len(train["tokens"]) * share)
         if count < 1:
             raise PeftlabError(f"data.train: too few sentences ({len(train['tokens'])}) to "
                                f"split off a {split} set; give data.{split}")
@@ -186,13 +180,6 @@ def _to_ids(rows: dict, names: list[str], where_: str) -> dict:
     return {"tokens": rows["tokens"], "tags": ids}
 
 
-def _limit(rows: dict, count: int | None, seed: int) -> dict:
-    if not count or len(rows["tokens"]) <= count:
-        return rows
-    chosen = sorted(random.Random(seed).sample(range(len(rows["tokens"])), count))
-    return {k: [v[i] for i in chosen] for k, v in rows.items()}
-
-
 def load_tagged_data(recipe: Recipe) -> TaggedData:
     """Read, check, normalise and split the recipe's sentences; tags named from train."""
     rows, report = {}, {}
@@ -211,13 +198,7 @@ def load_tagged_data(recipe: Recipe) -> TaggedData:
         raise PeftlabError(f"{where(recipe, 'train')}: every tag is O; nothing to learn")
     rows = _split_off(rows, recipe, report)
     ids = {s: _to_ids(r, names, where(recipe, s)) for s, r in rows.items()}
-    ids["train"] = _limit(ids["train"], recipe.data.max_train_samples, recipe.train.seed)
-    for split in ("validation", "test"):
-        if split in ids:
-            ids[split] = _limit(ids[split], recipe.data.max_eval_samples, recipe.train.seed)
-    splits = datasets.DatasetDict({s: datasets.Dataset.from_dict(r) for s, r in ids.items()})
-    for split in splits:
-        report.setdefault(split, {})["used"] = len(splits[split])
+    splits = limited_splits(ids, recipe, report)
     return TaggedData(splits=splits, tag_names=names, report=report)
 
 

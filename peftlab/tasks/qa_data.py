@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 
 from peftlab.config import Recipe, resolve_data_path
-from peftlab.data import SPLITS, where
+from peftlab.data import SPLITS, limited_splits, missing_split_shares, where
 from peftlab.errors import PeftlabError
 from peftlab.sources import pick_split, read_source
 
@@ -170,17 +170,11 @@ def _clean(rows: dict[str, list], where_: str,
 def _split_by_article(rows: dict, recipe: Recipe, report: dict) -> dict:
     """Missing validation/test: whole articles (titles), seeded, in the recipe's ratios of
     questions, so no paragraph is in two splits."""
-    train_ratio, val_ratio, test_ratio = recipe.data.split_ratios
-    shares = {"test": test_ratio if "validation" not in rows else
-              test_ratio / max(train_ratio + test_ratio, 1e-9),
-              "validation": val_ratio / max(train_ratio + val_ratio, 1e-9)}
-    for split in ("test", "validation"):
-        if split in rows or shares[split] <= 0:
-            continue
+    for split, share in missing_split_shares(rows, recipe).items():
         train = rows["train"]
         titles = sorted(set(train["title"]))
         random.Random(recipe.train.seed).shuffle(titles)
-        wanted, taken = shares[split] * len(train["id"]), set()
+        wanted, taken = share * len(train["id"]), set()
         per_title = {t: train["title"].count(t) for t in titles}
         for title in titles:
             if sum(per_title[t] for t in taken) >= wanted or len(taken) == len(titles) - 1:
@@ -200,13 +194,6 @@ def _split_by_article(rows: dict, recipe: Recipe, report: dict) -> dict:
     return rows
 
 
-def _limit(rows: dict, count: int | None, seed: int) -> dict:
-    if not count or len(rows["id"]) <= count:
-        return rows
-    chosen = sorted(random.Random(seed).sample(range(len(rows["id"])), count))
-    return {k: [v[i] for i in chosen] for k, v in rows.items()}
-
-
 def load_qa_data(recipe: Recipe) -> QaData:
     rows, report = {}, {}
     for split in SPLITS:
@@ -220,13 +207,7 @@ def load_qa_data(recipe: Recipe) -> QaData:
     if not rows.get("train", {}).get("id"):
         raise PeftlabError(f"{where(recipe, 'train')}: no questions")
     rows = _split_by_article(rows, recipe, report)
-    rows["train"] = _limit(rows["train"], recipe.data.max_train_samples, recipe.train.seed)
-    for split in ("validation", "test"):
-        if split in rows:
-            rows[split] = _limit(rows[split], recipe.data.max_eval_samples, recipe.train.seed)
-    splits = datasets.DatasetDict({s: datasets.Dataset.from_dict(r) for s, r in rows.items()})
-    for split in splits:
-        report.setdefault(split, {})["used"] = len(splits[split])
+    splits = limited_splits(rows, recipe, report)
     return QaData(splits=splits, report=report)
 
 

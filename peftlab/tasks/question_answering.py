@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftlab.artifacts import attach_adapter, base_path, write_info
+from peftlab.artifacts import load_artifact, save_artifact
 from peftlab.batches import IGNORE, make_loader
 from peftlab.config import Recipe
 from peftlab.data import format_unknown_tokens, unknown_token_rate
 from peftlab.errors import PeftlabError
 from peftlab.hardware import precision_context
-from peftlab.models import hub_kwargs, load_error, load_tokenizer, resolve_model_path
-from peftlab.quantization import dequantize_linears, guard_cpu_repacking, load_kwargs
+from peftlab.models import load_pretrained, load_tokenizer, resolve_model_path
 from peftlab.strategies import PEFT_KINDS, apply_strategy
 from peftlab.task import Task
 from peftlab.tasks.qa_data import format_report, load_eval_file, load_qa_data
@@ -199,13 +198,7 @@ def evaluator(recipe: Recipe, examples_of: dict, unanswerable: bool):
 
 def load_qa_model(path: str, recipe: Recipe) -> nn.Module:
     from transformers import AutoModelForQuestionAnswering
-    try:
-        model = AutoModelForQuestionAnswering.from_pretrained(path, **load_kwargs(recipe),
-                                                              **hub_kwargs(recipe))
-    except (OSError, ValueError, ImportError) as err:
-        raise load_error(recipe.model.name, err) from None
-    guard_cpu_repacking(model)
-    return model
+    return load_pretrained(AutoModelForQuestionAnswering, path, recipe)
 
 
 def _loaders(recipe: Recipe, tokenizer, splits: dict, examples_of: dict) -> dict:
@@ -242,12 +235,9 @@ def prepare(recipe: Recipe, say) -> Task:
         + (", some unanswerable" if unanswerable else ""))
 
     def save(unwrapped: nn.Module, run_dir: Path, precision: str) -> None:
-        folder = run_dir / ("adapter" if recipe.strategy.kind in PEFT_KINDS else "model")
-        unwrapped.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        write_info(run_dir, {"artifact": folder.name, "task": "question_answering",
-                             "unanswerable": unanswerable, "base_model": path,
-                             "precision": precision})
+        save_artifact(unwrapped, tokenizer, run_dir, recipe.strategy.kind in PEFT_KINDS,
+                      {"task": "question_answering", "unanswerable": unanswerable,
+                       "base_model": path, "precision": precision})
 
     return Task(report=report, loaders=loaders, batch_loss=summed_span_loss,
                 count_items=count_windows,
@@ -257,15 +247,8 @@ def prepare(recipe: Recipe, say) -> Task:
 
 
 def load(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
-    tokenizer = load_tokenizer(str(folder), recipe)
-    if info["artifact"] == "adapter":
-        model = load_qa_model(base_path(recipe, info), recipe)
-        if dequantize:
-            dequantize_linears(model)
-        model = attach_adapter(model, folder, recipe)
-    else:
-        model = load_qa_model(str(folder), recipe)
-    return model.eval(), tokenizer
+    return load_artifact(folder, recipe, info, dequantize,
+                         lambda path: load_qa_model(path, recipe))
 
 
 def eval_loaders(recipe: Recipe, tokenizer, info: dict, data_file: str | None):

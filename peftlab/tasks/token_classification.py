@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftlab.artifacts import attach_adapter, base_path, write_info
+from peftlab.artifacts import load_artifact, save_artifact
 from peftlab.batches import IGNORE, make_loader
 from peftlab.config import Recipe
 from peftlab.data import format_unknown_tokens, unknown_token_rate
 from peftlab.errors import PeftlabError
 from peftlab.hardware import precision_context
-from peftlab.models import hub_kwargs, load_error, load_tokenizer, resolve_model_path
-from peftlab.quantization import dequantize_linears, guard_cpu_repacking, load_kwargs
+from peftlab.models import load_pretrained, load_tokenizer, resolve_model_path
 from peftlab.strategies import PEFT_KINDS, apply_strategy
 from peftlab.task import Task
 from peftlab.tasks.ner_data import format_report, load_eval_file, load_tagged_data
@@ -149,15 +148,9 @@ def evaluate_tagged(model, loader, accelerator, tag_names: list[str]) -> dict:
 
 def load_token_classifier(path: str, recipe: Recipe, tag_names: list[str]) -> nn.Module:
     from transformers import AutoModelForTokenClassification
-    try:
-        model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=len(tag_names), id2label=dict(enumerate(tag_names)),
-            label2id={name: i for i, name in enumerate(tag_names)}, **load_kwargs(recipe),
-            **hub_kwargs(recipe))
-    except (OSError, ValueError, ImportError) as err:
-        raise load_error(recipe.model.name, err) from None
-    guard_cpu_repacking(model)
-    return model
+    return load_pretrained(AutoModelForTokenClassification, path, recipe,
+                           num_labels=len(tag_names), id2label=dict(enumerate(tag_names)),
+                           label2id={name: i for i, name in enumerate(tag_names)})
 
 
 def prepare(recipe: Recipe, say) -> Task:
@@ -184,12 +177,9 @@ def prepare(recipe: Recipe, say) -> Task:
         group_by_length=recipe.train.group_by_length) for split, ds in encoded.items()}
 
     def save(unwrapped: nn.Module, run_dir: Path, precision: str) -> None:
-        folder = run_dir / ("adapter" if recipe.strategy.kind in PEFT_KINDS else "model")
-        unwrapped.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        write_info(run_dir, {"artifact": folder.name, "task": "token_classification",
-                             "tag_names": data.tag_names, "base_model": path,
-                             "precision": precision})
+        save_artifact(unwrapped, tokenizer, run_dir, recipe.strategy.kind in PEFT_KINDS,
+                      {"task": "token_classification", "tag_names": data.tag_names,
+                       "base_model": path, "precision": precision})
 
     return Task(report=report, loaders=loaders, batch_loss=summed_token_cross_entropy,
                 count_items=count_labelled_tokens,
@@ -201,15 +191,8 @@ def prepare(recipe: Recipe, say) -> Task:
 
 
 def load(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
-    tokenizer = load_tokenizer(str(folder), recipe)
-    if info["artifact"] == "adapter":
-        model = load_token_classifier(base_path(recipe, info), recipe, info["tag_names"])
-        if dequantize:
-            dequantize_linears(model)
-        model = attach_adapter(model, folder, recipe)
-    else:
-        model = load_token_classifier(str(folder), recipe, info["tag_names"])
-    return model.eval(), tokenizer
+    return load_artifact(folder, recipe, info, dequantize,
+                         lambda path: load_token_classifier(path, recipe, info["tag_names"]))
 
 
 def eval_loaders(recipe: Recipe, tokenizer, info: dict, data_file: str | None):
