@@ -1,8 +1,9 @@
 """Extractive-QA data: questions over contexts with answer spans, checked, and split by
 article so no paragraph lands in two splits.
 
-Sources are SQuAD v1.1 / v2.0 JSON (`data[].paragraphs[].qas[]`, v2's `is_impossible`
-with `plausible_answers` kept for the report only), or flat CSV/JSONL/Parquet rows with
+Sources are SQuAD v1.1 / v2.0 JSON (`data[].paragraphs[].qas[]`; a v2 question marked
+`is_impossible` is unanswerable, its `plausible_answers` are not gold and are not read), or
+flat CSV/JSONL/Parquet rows with
 question, context, answer text and answer start (an empty answer text is unanswerable).
 Every answer's start must point at its text. A start that is off only because of
 whitespace (a shifted offset, or spaces collapsed in the text) is repaired and counted;
