@@ -205,7 +205,7 @@ def build_parser(task_options: bool = True) -> argparse.ArgumentParser:
     predict.add_argument("--output", help="file to write: the input rows + the predictions")
     predict.add_argument("--overwrite", action="store_true", help="replace --output")
     if task_options:
-        _add_task_predict_options(predict)
+        _add_task_predict_options(predict, {"--file", "--output", "--overwrite"})
     predict.set_defaults(func=cmd_predict)
 
     merge = sub.add_parser("merge", help="merge a run's adapter into its base model")
@@ -225,10 +225,10 @@ def build_parser(task_options: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_task_predict_options(parser: argparse.ArgumentParser) -> None:
-    """Each task's own predict flags; a flag two tasks share is declared once."""
+def _add_task_predict_options(parser: argparse.ArgumentParser, seen: set[str]) -> None:
+    """Each task's own predict flags beside the shared `seen` ones; a flag two tasks share
+    (--text) is declared once."""
     from peftlab.tasks import TASKS
-    seen = {flag for action in parser._actions for flag in action.option_strings}
     for module in TASKS.values():
         for flags, options in module.PREDICT_OPTIONS:
             if not seen.intersection(flags):

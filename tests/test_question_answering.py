@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import REPO, SPECIAL, save_tiny_bert
+from conftest import REPO, SPECIAL, save_tiny_bert, write_recipe
 
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
@@ -85,16 +84,14 @@ def squad_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def qa_recipe(path: Path, model: Path, files: dict, **sections) -> Path:
-    recipe = {"model": {"name": str(model), "task": "question_answering", "max_length": 48},
+    recipe = {"model": {"task": "question_answering", "max_length": 48},
               "data": {k: str(v) for k, v in files.items()} | {"doc_stride": 16},
               "strategy": {"kind": "lora", "lora_r": 8},
               "train": {"epochs": 15, "batch_size": 16, "lr": 1e-2, "mixed_precision": "no",
-                        "log_every_steps": 20},
-              "output": {"tensorboard": False}}
+                        "log_every_steps": 20}}
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
+    return write_recipe(path, model, files["train"], **recipe)
 
 
 def load(path: Path, **overrides):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SPECIAL, save_tiny_bert
+from conftest import SPECIAL, save_tiny_bert, write_recipe
 
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
@@ -63,16 +63,14 @@ def conll_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def ner_recipe(path: Path, model: Path, files: dict, **sections) -> Path:
-    recipe = {"model": {"name": str(model), "task": "token_classification", "max_length": 24},
+    recipe = {"model": {"task": "token_classification", "max_length": 24},
               "data": {k: str(v) for k, v in files.items()},
               "strategy": {"kind": "lora", "lora_r": 4},
               "train": {"epochs": 6, "batch_size": 16, "lr": 3e-2, "mixed_precision": "no",
-                        "log_every_steps": 10},
-              "output": {"tensorboard": False}}
+                        "log_every_steps": 10}}
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
+    return write_recipe(path, model, files["train"], **recipe)
 
 
 # --- data --------------------------------------------------------------------------------

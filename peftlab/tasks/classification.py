@@ -181,17 +181,17 @@ def load(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
 @torch.inference_mode()
 def predict_texts(model, tokenizer, texts: list[str], max_length: int, precision: str = "no",
                   batch_size: int = 64) -> list[tuple[int, float]]:
-    """(label id, probability) per text, in input order, in the run's precision. Texts go
-    longest first, so each batch pads to nearly its own length (as evaluation does)."""
+    """(label id, probability) per text, in input order, in the run's precision. Texts are
+    tokenized once and go longest first, so each batch pads to nearly its own length (as
+    evaluation does)."""
     device = next(model.parameters()).device
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True,
-                                             max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    order = sorted(range(len(texts)), key=lambda i: (-len(encoded["input_ids"][i]), i))
     out: list[tuple[int, float]] = [(0, 0.0)] * len(texts)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in chosen], truncation=True, max_length=max_length,
-                          padding=True, return_tensors="pt").to(device)
+        batch = tokenizer.pad([{k: v[i] for k, v in encoded.items()} for i in chosen],
+                              return_tensors="pt").to(device)
         with precision_context(precision, device):
             logits = model(**batch).logits
         best = logits.float().softmax(-1).max(-1)
