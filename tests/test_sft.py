@@ -250,3 +250,29 @@ def test_perplexity_as_best_metric_keeps_the_lowest(tmp_path, tiny_llama):
     assert result["summary"]["best_value"] == lowest["perplexity"]
     assert result["metrics"]["validation"]["perplexity"] == pytest.approx(
         lowest["perplexity"], rel=1e-6)  # the restored weights are that checkpoint's
+
+
+def test_sft_tokens_come_from_the_cache_on_a_second_load(tmp_path, tiny_llama, monkeypatch):
+    """The second load of the same file renders nothing and gives the same token ids and
+    labels; a different chat template is a different entry, since the tokenizer's JSON does
+    not hold it."""
+    import peftlab.tasks.sft_data as sft_data
+    from peftlab.models import load_tokenizer
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path),
+                                      model={"task": "causal_lm"}))
+    rendered = []
+    render = sft_data.render
+    monkeypatch.setattr(sft_data, "render", lambda *a: rendered.append(1) or render(*a))
+    first = sft_data.load_sft_data(recipe, load_tokenizer(str(tiny_llama), recipe))
+    assert len(rendered) == 96
+    again = sft_data.load_sft_data(recipe, load_tokenizer(str(tiny_llama), recipe))
+    assert len(rendered) == 96 and again.report == first.report
+    for split in first.splits:
+        assert again.splits[split].to_list() == first.splits[split].to_list()
+    assert again.prompts == first.prompts
+    other = load_tokenizer(str(tiny_llama), recipe)
+    other.chat_template = sft_data.DEFAULT_CHAT_TEMPLATE.replace("### Response:\n", "### Response:\nthe movie ")
+    changed = sft_data.load_sft_data(recipe, other)
+    assert len(rendered) == 192
+    assert changed.splits["train"]["input_ids"][0] != first.splits["train"]["input_ids"][0]

@@ -20,6 +20,7 @@ from peftlab.batches import IGNORE
 from peftlab.config import Recipe
 from peftlab.data import read_splits
 from peftlab.errors import PeftlabError
+from peftlab.token_cache import tokenized
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -137,42 +138,60 @@ def _split_off(rows: dict[str, list], recipe: Recipe) -> dict[str, list]:
     return rows
 
 
+def _encode_split(tokenizer, fmt: str, max_length: int):
+    """Rows -> rendered, tokenized examples, dropping those left without a target token."""
+    def encode_rows(rows: datasets.Dataset) -> datasets.Dataset:
+        encoded = (encode(tokenizer, *render(tokenizer, row_to_messages(row, fmt), fmt),
+                          max_length) for row in rows)
+        kept = [e for e in encoded if any(label != IGNORE for label in e["labels"][1:])]
+        features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64")),
+                                      "labels": datasets.Sequence(datasets.Value("int64"))})
+        return datasets.Dataset.from_list(kept, features=features)
+    return encode_rows
+
+
 def load_sft_data(recipe: Recipe, tokenizer) -> SftData:
-    """Read, render and tokenize every split; rows without a target token are dropped."""
+    """Read, render and tokenize every split; rows without a target token are dropped.
+
+    Rendering and tokenizing go through the content-hash token cache (token_cache.py), keyed
+    also on the row format and the chat template, which the tokenizer's JSON does not hold:
+    a second run on the same file loads the token ids instead of rendering them again."""
     if tokenizer.chat_template is None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     raw = read_splits(recipe)
     fmt = detect_sft_format(raw["train"].column_names, recipe.data.sft_format, "data.train")
-    examples = {split: [row_to_messages(row, fmt) for row in ds] for split, ds in raw.items()}
-    examples = _split_off(examples, recipe)
+    chosen = _split_off({split: list(range(len(ds))) for split, ds in raw.items()}, recipe)
+    rows = {split: raw["train" if split not in raw else split].select(indices)
+            for split, indices in chosen.items()}
     max_length = recipe.model.max_length
+    variant = f"sft:{fmt}:{tokenizer.chat_template}"
     splits, report = {}, {}
-    for split, rows in examples.items():
-        encoded = [encode(tokenizer, *render(tokenizer, row, fmt), max_length) for row in rows]
-        kept = [e for e in encoded if any(label != IGNORE for label in e["labels"][1:])]
-        report[split] = {"rows": len(rows), "kept": len(kept),
-                         "no_target_after_truncation": len(rows) - len(kept)}
-        if not kept:
+    for split, split_rows in rows.items():
+        kept = tokenized(split_rows, tokenizer, max_length,
+                         _encode_split(tokenizer, fmt, max_length), variant)
+        report[split] = {"rows": len(split_rows), "kept": len(kept),
+                         "no_target_after_truncation": len(split_rows) - len(kept)}
+        if not len(kept):
             raise PeftlabError(f"data.{split}: no example keeps a target token within "
                                f"model.max_length={max_length}")
         if split == "train":
             kept = _subset(kept, recipe.data.max_train_samples, recipe.train.seed)
             report[split]["used"] = len(kept)
             if recipe.data.packing:
-                kept = pack(kept, max_length)
+                kept = datasets.Dataset.from_list(pack(kept.to_list(), max_length))
                 report[split]["packed_rows"] = len(kept)
-        splits[split] = datasets.Dataset.from_list(kept)
-    prompts = [row for row in examples["validation"][:3]]
+        splits[split] = kept
+    prompts = [row_to_messages(row, fmt) for row in rows["validation"].select(
+        range(min(3, len(rows["validation"]))))]
     return SftData(datasets.DatasetDict(splits), fmt, prompts, report)
 
 
-def _subset(examples: list, count: int | None, seed: int) -> list:
+def _subset(examples: datasets.Dataset, count: int | None, seed: int) -> datasets.Dataset:
     """data.max_train_samples: a seeded random choice of examples (before any packing, so
     the count is of examples, not packed rows), kept in file order."""
     if not count or count >= len(examples):
         return examples
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), count))
-    return [examples[i] for i in chosen]
+    return examples.select(sorted(random.Random(seed).sample(range(len(examples)), count)))
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
