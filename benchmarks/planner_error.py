@@ -5,12 +5,15 @@ fitted on SST-2 with all-MiniLM-L6-v2. Here it predicts, blind, the peak of runs
 data and another architecture, then each run is measured in its own process:
 - AG News (4 classes, news articles: longer texts, 128 tokens), MiniLM LoRA and full;
 - TREC (6 classes, short questions), MiniLM LoRA;
-- stories260K (a Llama decoder from llama2.c) LoRA SFT on alpaca_demo.
+- stories260K (a Llama decoder from llama2.c) LoRA SFT on alpaca_demo;
+- SST-2 `freeze` (4 of 6 layers) and `head` with train.cache_frozen: true, whose cached
+  features (one vector per token, or per example) live in memory for the whole run.
 Each in fp32 and bf16 (bf16 emulated, slower but the same memory, on a CPU without it).
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/planner_error.py [--steps 100]
-       [--jobs agnews_lora,agnews_full,trec_lora,stories_lora] [--precisions no,bf16]
-Writes benchmarks/results/planner_error_cpu.json and .md.
+       [--jobs agnews_lora,agnews_full,trec_lora,stories_lora,freeze_cached,head_cached]
+       [--precisions no,bf16] [--tag planner_error_cpu]
+Writes benchmarks/results/<tag>.json and .md.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import machine, planner_fingerprint
 from peftlab.config import load_recipe
-from peftlab.memory import MB, estimate, overhead_bytes
-from peftlab.model_shape import shape_of
+from peftlab.memory import MB, plan
 
 RESULTS = Path(__file__).parent / "results"
 AGNEWS = ["data.train=ag_news/train.csv", "data.text_column=text", "data.validation=ag_news/dev.csv", "data.test=null",
@@ -39,6 +41,9 @@ JOBS = {
                                                      "data.split_ratios=[0.9,0.1,0.0]"]),
     "stories_lora": ("recipes/stories260k_alpaca_lora.yaml", ["train.eval_at_start=false",
                                                               "eval.max_new_tokens=8"]),
+    "freeze_cached": ("recipes/minilm_sst2_freeze.yaml", ["strategy.freeze_layers=4",
+                                                           "train.cache_frozen=true"]),
+    "head_cached": ("recipes/minilm_sst2_head.yaml", ["train.cache_frozen=true"]),
 }
 COMMON = ["train.keep_checkpoints=0", "output.tensorboard=false"]
 
@@ -48,11 +53,11 @@ def run_job(name: str, precision: str, args) -> dict:
     extra = [*extra, *COMMON, f"train.max_steps={args.steps}",
              f"train.eval_every_steps={args.steps // 2}", f"train.mixed_precision={precision}"]
     recipe = load_recipe(recipe_path, extra)
-    guess = estimate(shape_of(recipe), recipe, recipe.strategy.kind, recipe.train.batch_size,
-                     recipe.train.gradient_checkpointing, overhead_bytes(recipe, "cpu"), "cpu")
+    guess = plan(recipe, "cpu", [recipe.strategy.kind])[0]
     out = Path("runs/bench/planner_error") / f"{name}_{precision}"
     out.mkdir(parents=True, exist_ok=True)
     record = {"job": name, "precision": precision, "predicted_peak_mb": round(guess.total / MB, 1),
+              "predicted_cache_mb": round(guess.cache / MB, 1),
               "predicted_at": time.time(), "planner": planner_fingerprint(),
               "command": " ".join(["peftlab train", recipe_path, *extra])}
     (out / "prediction.json").write_text(json.dumps(record, indent=2))  # before the run
@@ -71,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--jobs", default=",".join(JOBS))
     parser.add_argument("--precisions", default="no,bf16")
+    parser.add_argument("--tag", default="planner_error_cpu")
     args = parser.parse_args()
     records = []
     for name in args.jobs.split(","):
@@ -78,14 +84,14 @@ def main() -> None:
             records.append(run_job(name, precision, args))
             print(json.dumps(records[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "planner_error_cpu.json").write_text(json.dumps(
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(
         {"command": " ".join(["python benchmarks/planner_error.py", *sys.argv[1:]]),
          "machine": machine(), "records": records}, indent=2))
     lines = ["| job | precision | predicted (blind) | measured peak RSS | error |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['job']} | {r['precision']} | {r['predicted_peak_mb']:,.0f} MB | "
               f"{r['peak_memory_mb']:,.0f} MB | {r['error'] * 100:+.1f}% |" for r in records]
-    (RESULTS / "planner_error_cpu.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

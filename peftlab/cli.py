@@ -1,4 +1,4 @@
-"""peftlab train | plan | eval | predict | quickstart | merge | convert.
+"""peftlab train | plan | eval | predict | quickstart | merge | publish | serve | convert.
 
 User mistakes (PeftlabError) print one line on stderr and exit 2; anything else is a bug and
 keeps its traceback. Heavy imports happen inside the commands so `--help` stays instant.
@@ -48,6 +48,7 @@ def cmd_plan(args) -> int:
         MB,
         PLAN_KINDS,
         format_plan,
+        frozen_cache_terms,
         overhead_bytes,
         parse_size,
         plan,
@@ -65,14 +66,16 @@ def cmd_plan(args) -> int:
     budget = parse_size(args.budget) if args.budget else None
     shape = shape_of(recipe)
     overhead = overhead_bytes(recipe, device)
-    estimates = plan(recipe, device, kinds, shape=shape, overhead=overhead)
+    cache = frozen_cache_terms(recipe, shape, set(kinds) | {recipe.strategy.kind, "head"},
+                               device)
+    estimates = plan(recipe, device, kinds, shape=shape, overhead=overhead, cache=cache)
     print(f"peak memory on {device}: micro-batch {recipe.train.batch_size} x "
           f"{recipe.model.max_length} tokens, checkpointing "
           f"{'on' if recipe.train.gradient_checkpointing else 'off'}, "
           f"optimizer {recipe.train.optimizer}, {shape.total:,} parameters")
     print(format_plan(estimates, budget))
     if budget:
-        best = recommend(recipe, shape, budget, overhead, device=device)
+        best = recommend(recipe, shape, budget, overhead, device=device, cache=cache)
         if best is None:
             print(f"nothing fits {args.budget}: try a shorter model.max_length or a smaller "
                   f"model")
@@ -152,6 +155,26 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_publish(args) -> int:
+    from peftlab.publish import PublishRequest, publish
+    request = PublishRequest(Path(args.run), args.repo_id, private=args.private,
+                             merged=args.merged, revision=args.revision,
+                             dry_run=Path(args.dry_run) if args.dry_run else None)
+    where = publish(request, base_model=args.base_model)
+    print(f"wrote what would be uploaded to {where}" if args.dry_run else
+          f"published {args.run} to {args.repo_id}: {where}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from peftlab.serve import ServeLimits, serve
+    limits = ServeLimits(max_chars=args.max_chars, max_inputs=args.max_inputs,
+                         max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                         batch_wait_ms=args.batch_wait_ms)
+    serve(args.run, args.host, args.port, args.api_key_env, limits)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from peftlab.convert import convert_llama2c
     from peftlab.run_folder import CONVERT_MARKER
@@ -214,6 +237,37 @@ def build_parser(task_options: bool = True) -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty folder")
     merge.set_defaults(func=cmd_merge)
+
+    hub = sub.add_parser("publish", help="upload a run (adapter or merged model, card, "
+                                         "metrics) to a model hub")
+    hub.add_argument("run", help="run folder")
+    hub.add_argument("--repo-id", required=True, help="OWNER/NAME of the hub repo")
+    hub.add_argument("--private", action="store_true", help="create the repo private")
+    hub.add_argument("--merged", action="store_true", help="upload the merged model, not "
+                                                          "the adapter")
+    hub.add_argument("--revision", help="branch to commit to (created if missing)")
+    hub.add_argument("--dry-run", metavar="OUT", help="write the upload to this new folder "
+                                                      "instead of sending it")
+    hub.add_argument("--base-model", metavar="OWNER/NAME", help="the base model's hub id "
+                     "(default: model.hub_id, or model.name when it is one)")
+    hub.set_defaults(func=cmd_publish)
+
+    server = sub.add_parser("serve", help="serve a run over HTTP (OpenAI-compatible for "
+                                          "causal LMs)")
+    server.add_argument("run", help="run folder")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default "
+                                                            "loopback only)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer "
+                        "<key>' with the key read from this environment variable")
+    server.add_argument("--max-batch", type=int, default=32, help="inputs per forward pass")
+    server.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long a batch waits for more inputs")
+    server.add_argument("--max-chars", type=int, default=8192, help="characters per input")
+    server.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
+    server.add_argument("--max-new-tokens", type=int, default=256,
+                        help="causal LM: most tokens a request may generate")
+    server.set_defaults(func=cmd_serve)
 
     convert = sub.add_parser("convert", help="llama2.c checkpoint -> Hugging Face Llama folder")
     convert.add_argument("source_format", choices=["llama2c"], help="checkpoint format")

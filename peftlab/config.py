@@ -36,6 +36,7 @@ class ModelConfig:
     compute_dtype: str = "auto"  # 4-bit matmuls: auto (bf16 where native, else fp32) | bfloat16
     #                              | float32 | float16
     revision: str | None = None  # hub revision (branch, tag or commit)
+    hub_id: str | None = None  # the base's hub id when name is a folder (publish names it)
 
 
 @dataclass
@@ -134,6 +135,8 @@ class EvalConfig:
 class OutputConfig:
     dir: str = ""  # run folder; default runs/<recipe name>
     tensorboard: bool = True  # write TensorBoard logs under <run>/logs
+    license: str | None = None  # publish: the card's license (default: the base model's)
+    datasets: list[str] = field(default_factory=list)  # publish: hub ids of the training data
 
 
 @dataclass

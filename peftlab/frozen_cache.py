@@ -63,6 +63,21 @@ def feature_bytes(lengths: list[int], width: int, boundary: Boundary, element: i
     return rows * width * element
 
 
+def cache_bytes(lengths: dict[str, list[int]], width: int, boundary: Boundary,
+                train_element: int, eval_element: int) -> int:
+    """Every split's features: train in the run's precision, evaluation splits in what the
+    frozen layers produce (see fill_store): bf16 from a bf16-stored base, else fp32 (autocast
+    ends a fp32 body's layers in fp32 norms). The planner counts the same bytes before a run."""
+    return sum(feature_bytes(split_lengths, width, boundary,
+                             train_element if split == "train" else eval_element)
+               for split, split_lengths in lengths.items())
+
+
+def fits_in_memory(needed: int) -> bool:
+    """In memory when the cache takes at most half the available memory, else memory-mapped."""
+    return needed <= memory_available() // 2
+
+
 class _FeaturesReached(Exception):
     """Raised by the capture hook: nothing above the boundary needs to run."""
 
@@ -209,14 +224,12 @@ def cache_loaders(model: nn.Module, boundary: Boundary, loaders: dict[str, DataL
                   accelerator, run_dir: Path, say) -> dict[str, DataLoader]:
     """Every split's loader, now carrying its features; in memory when they fit in half the
     available memory, else memory-mapped under the run folder."""
-    width = model.config.hidden_size
     lengths = {split: [len(ids) for ids in loader.dataset["input_ids"]]
                for split, loader in loaders.items()}
-    # train in the run's precision, evaluation splits at most fp32 (see fill_store)
-    train_element = 4 if accelerator.mixed_precision == "no" else 2
-    needed = sum(feature_bytes(lengths[split], width, boundary,
-                               train_element if split == "train" else 4) for split in loaders)
-    folder = None if needed <= memory_available() // 2 else run_dir / "frozen_cache"
+    base_element = next(layer_stack(model)[0].parameters()).element_size()
+    needed = cache_bytes(lengths, model.config.hidden_size, boundary,
+                         4 if accelerator.mixed_precision == "no" else 2, base_element)
+    folder = None if fits_in_memory(needed) else run_dir / "frozen_cache"
     model.to(accelerator.device)
     cached = {split: with_features(loader, fill_store(
         model, boundary, loader, lengths[split], accelerator, folder,

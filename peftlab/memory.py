@@ -50,11 +50,12 @@ class Estimate:
     evaluation: float  # snapshot + one layer's forward at the eval batch
     overhead: float  # CPU: the Python stack and the data in memory; GPU: 0
     trainable: int
+    cache: float = 0.0  # train.cache_frozen's features in memory, alive the whole run
 
     @property
     def total(self) -> float:
         moments = (self.activations, self.gradients, self.evaluation)
-        return self.overhead + self.weights + self.optimizer + max(moments)
+        return self.overhead + self.weights + self.optimizer + self.cache + max(moments)
 
 
 def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
@@ -186,7 +187,8 @@ def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: in
 
 
 def estimate(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
-             checkpointing: bool, overhead: float, device: str = "cpu") -> Estimate:
+             checkpointing: bool, overhead: float, device: str = "cpu",
+             cache: float = 0.0) -> Estimate:
     trainable = trainable_params(shape, recipe, kind)
     return Estimate(kind=kind, micro_batch=micro_batch, checkpointing=checkpointing,
                     weights=weight_bytes(shape, recipe, kind, element_bytes(recipe, device)),
@@ -195,7 +197,7 @@ def estimate(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
                     activations=activation_bytes(shape, recipe, kind, micro_batch,
                                                  checkpointing, device),
                     evaluation=evaluation_bytes(shape, recipe, kind, trainable, device),
-                    overhead=overhead, trainable=trainable)
+                    overhead=overhead, trainable=trainable, cache=cache)
 
 
 # Calibrated, not derived: fitted on SST-2 with all-MiniLM-L6-v2 (the one dataset and model
@@ -253,18 +255,37 @@ def element_bytes(recipe: Recipe, device: str) -> int:
     return FP32 if precision == "no" else 2
 
 
+def frozen_cache_terms(recipe: Recipe, shape: ModelShape, kinds, device: str) -> dict:
+    """Per strategy, the features train.cache_frozen would keep in memory. They depend on the
+    data's token lengths, so they are counted only when the training file is on disk."""
+    from pathlib import Path
+
+    from peftlab.config import resolve_data_path
+    train = Path(resolve_data_path(recipe.data.train, recipe)) if recipe.data.train else None
+    if train is None or not train.exists():
+        return {}
+    precision = "no" if element_bytes(recipe, device) == FP32 else "bf16"
+    task = task_module(recipe.model.task)
+    return {kind: task.frozen_cache_bytes(recipe, kind, shape.hidden, precision)
+            for kind in kinds}
+
+
 def plan(recipe: Recipe, device: str, kinds=PLAN_KINDS, shape: ModelShape | None = None,
-         overhead: float | None = None) -> list[Estimate]:
+         overhead: float | None = None, cache: dict | None = None) -> list[Estimate]:
     """One estimate per strategy at the recipe's micro-batch and checkpointing setting."""
     shape = shape or shape_of(recipe)
     if overhead is None:
         overhead = overhead_bytes(recipe, device)
+    if cache is None:
+        cache = frozen_cache_terms(recipe, shape, kinds, device)
     return [estimate(shape, recipe, kind, recipe.train.batch_size,
-                     recipe.train.gradient_checkpointing, overhead, device) for kind in kinds]
+                     recipe.train.gradient_checkpointing, overhead, device,
+                     cache.get(kind, 0.0)) for kind in kinds]
 
 
 def recommend(recipe: Recipe, shape: ModelShape, budget: float, overhead: float,
-              order=("full", "lora", "qlora", "head"), device: str = "cpu") -> Estimate | None:
+              order=("full", "lora", "qlora", "head"), device: str = "cpu",
+              cache: dict | None = None) -> Estimate | None:
     """The recipe's own strategy if it fits at some micro-batch, else the first of `order`
     that does: the largest micro-batch without checkpointing, then with it."""
     kinds = [recipe.strategy.kind] + [k for k in order if k != recipe.strategy.kind]
@@ -274,7 +295,8 @@ def recommend(recipe: Recipe, shape: ModelShape, budget: float, overhead: float,
         for checkpointing in (False, True):
             micro = recipe.train.batch_size
             while micro >= 1:
-                guess = estimate(shape, recipe, kind, micro, checkpointing, overhead, device)
+                guess = estimate(shape, recipe, kind, micro, checkpointing, overhead, device,
+                                 (cache or {}).get(kind, 0.0))
                 if guess.total <= budget:
                     return guess
                 micro //= 2
@@ -333,13 +355,16 @@ def parse_size(text: str) -> float:
 
 
 def format_plan(estimates: list[Estimate], budget: float | None) -> str:
+    """The plan as a table; a frozen-cache column only where some strategy would cache."""
+    cached = any(e.cache for e in estimates)
     header = ("| strategy | trainable | weights | gradients | optimizer | activations | "
-              "evaluation | overhead | total |" + (" fits |" if budget else ""))
+              "evaluation | " + ("frozen cache | " if cached else "") + "overhead | total |" +
+              (" fits |" if budget else ""))
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for e in estimates:
-        cells = [e.kind, f"{e.trainable:,}"] + [f"{v / MB:,.0f} MB" for v in (
-            e.weights, e.gradients, e.optimizer, e.activations, e.evaluation, e.overhead,
-            e.total)]
+        values = (e.weights, e.gradients, e.optimizer, e.activations, e.evaluation) + \
+            ((e.cache,) if cached else ()) + (e.overhead, e.total)
+        cells = [e.kind, f"{e.trainable:,}"] + [f"{v / MB:,.0f} MB" for v in values]
         if budget:
             cells.append("yes" if e.total <= budget else "no")
         lines.append("| " + " | ".join(cells) + " |")

@@ -51,6 +51,9 @@ class TaskModule(Protocol):
     # a freshly initialised head that trains in every strategy (the planner counts it), as
     # opposed to a pretrained output layer (a causal LM's lm_head)
     NEW_HEAD: bool
+    PIPELINE_TAG: str  # model card: the hub's pipeline_tag and model-index task type
+    AUTO_CLASS: str  # model card: the transformers Auto class that loads it
+    CARD_METRICS: tuple[str, ...]  # model card: the metrics.json keys of its model-index
     METRICS: tuple[str, ...]  # what train.metric_for_best may name (its evaluation's keys)
     # its `peftlab predict` options: (flags, argparse keywords); a flag two tasks share (--text)
     # is declared by the first and read by both
@@ -76,6 +79,14 @@ class TaskModule(Protocol):
     def output_bytes(self, recipe, tokens: int, vocab: int, training: bool) -> float:
         """Planner: bytes of the task's outputs over `tokens` tokens (a causal LM's logits
         over the vocabulary; small for classifiers)."""
+
+    def frozen_cache_bytes(self, recipe, kind: str, hidden: int, precision: str) -> float:
+        """Planner: bytes train.cache_frozen would hold in memory under strategy `kind`
+        (`precision` "no" or "bf16"); 0 where the task has no cache or would not use it."""
+
+    def serve_routes(self, app, served, auth) -> None:
+        """`peftlab serve`: add this task's endpoints to the FastAPI `app` (`served`: the
+        loaded run, limits and batcher; `auth`: the bearer-key dependency)."""
 
 
 def micro_batch_groups(loader, size: int):

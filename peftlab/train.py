@@ -142,6 +142,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     if task.cache_frozen:  # before the loaders are evened out and prepared; rebuilt on resume
         task.cache_frozen(accelerator, run_dir, say)
 
+    examples = {split: len(loader.dataset) for split, loader in task.loaders.items()}
     task.loaders["train"] = pad_for_processes(task.loaders["train"], accelerator.num_processes)
     optimizer = build_optimizer(report.model, recipe, report.head_names)
     if report.groups:  # gradual: DDP syncs only what requires grad when it wraps the model
@@ -384,7 +385,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         "peak_reserved_mb": peak_reserved_mb(device),
         "precision": precision, "processes": accelerator.num_processes,
         "distributed": accelerator.distributed_type.value,
-        "effective_batch": effective, "device": str(device),
+        "effective_batch": effective, "device": str(device), "examples": examples,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "eval_history": state.history, "loss_history": state.loss_history,
     }

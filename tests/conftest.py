@@ -87,6 +87,27 @@ def sentiment_csv(tmp_path_factory) -> Path:
     return write_rows(tmp_path_factory.mktemp("data") / "sentiment.csv", sentiment_rows(400))
 
 
+TINY_BERT_HUB_ID = "tester/tiny-bert"  # what publish calls tiny_bert (tests host it there)
+
+
+@pytest.fixture(scope="session")
+def learned_lora_run(tmp_path_factory, tiny_bert, sentiment_csv) -> Path:
+    """A LoRA classifier of tiny_bert that learned the sentiment rows (>= 0.8 test accuracy,
+    so its probabilities differ from text to text), for publish and serve."""
+    from peftlab.config import load_recipe
+    from peftlab.train import run
+    folder = tmp_path_factory.mktemp("learned_lora")
+    recipe = load_recipe(write_recipe(
+        folder / "r.yaml", tiny_bert, sentiment_csv,
+        model={"hub_id": TINY_BERT_HUB_ID, "max_length": 16},
+        train={"lr": 3e-3, "epochs": 10, "mixed_precision": "no"},
+        output={"license": "mit", "tensorboard": False}))
+    result = run(recipe, output_dir=str(folder / "run"))
+    reset_accelerate_state()
+    assert result["metrics"]["test"]["accuracy"] >= 0.8
+    return folder / "run"
+
+
 def write_recipe(path: Path, model_path: Path, train_file: Path, **sections) -> Path:
     """A recipe for the tiny model; `sections` override whole keys, e.g. strategy={...}."""
     recipe = {

@@ -49,6 +49,11 @@ def test_cached_run_equals_uncached_run(tmp_path, tiny_bert, sentiment_csv, case
             plain["metrics"][split]["loss"], abs=1e-5)
     weights = [dict(r["model"].named_parameters()) for r in (cached, plain)]
     for name, param in weights[0].items():
+        if name.endswith("attention.self.key.bias"):
+            # softmax ignores a shift shared by every key, so this gradient is zero up to
+            # rounding, and AdamW scales that rounding noise up to lr-sized steps: its values
+            # depend on the CPU's kernels (it differed by 2e-5 on an AVX-512 host without bf16)
+            continue
         torch.testing.assert_close(param, weights[1][name], rtol=1e-4, atol=1e-5)
 
 
@@ -142,3 +147,42 @@ def test_cache_in_bf16_stores_bf16_features(tmp_path, tiny_bert, sentiment_csv, 
     assert seen and set(seen) == {torch.bfloat16}
     curve = [p["loss"] for p in result["summary"]["loss_history"]]
     assert curve[-1] < curve[0]
+
+
+@pytest.mark.parametrize("case,precision", [("head_mean", "no"), ("head_cls", "bf16"),
+                                            ("freeze_1", "no"), ("freeze_1", "bf16")])
+def test_planner_counts_the_bytes_the_cache_really_holds(tmp_path, tiny_bert, sentiment_csv,
+                                                         monkeypatch, case, precision):
+    """`peftlab plan` adds the cached features (alive the whole run) to head and freeze: the
+    bytes it predicts are those of the stores the run then fills, in each precision."""
+    from peftlab import frozen_cache
+    from peftlab.memory import plan
+    strategy, pooling, _ = CASES[case]
+    recipe = _recipe(tmp_path, tiny_bert, sentiment_csv, strategy, pooling, True,
+                     mixed_precision=precision)
+    (predicted,) = plan(recipe, "cpu", [strategy["kind"]])
+    filled = []
+    real_fill = frozen_cache.fill_store
+    monkeypatch.setattr(frozen_cache, "fill_store", lambda *a, **k: filled.append(
+        real_fill(*a, **k)) or filled[-1])
+    run(recipe, output_dir=str(tmp_path / "run"))
+    assert len(filled) == 3 and predicted.cache > 0
+    assert predicted.cache == sum(store.data.nbytes for store in filled)
+    off = _recipe(tmp_path, tiny_bert, sentiment_csv, strategy, pooling, False,
+                  mixed_precision=precision)
+    (uncached,) = plan(off, "cpu", [strategy["kind"]], overhead=predicted.overhead)
+    assert uncached.cache == 0 and predicted.total - uncached.total == predicted.cache
+
+
+def test_planner_counts_no_cache_where_auto_would_not_cache(tmp_path, tiny_bert, sentiment_csv):
+    from peftlab.memory import format_plan, plan
+    head = {"kind": "head", "freeze_layers": 1}  # what the freeze row would freeze
+    recipe = _recipe(tmp_path, tiny_bert, sentiment_csv, head, "mean", "auto",
+                     epochs=1, eval_every_steps=0)
+    estimates = plan(recipe, "cpu", ["head", "lora", "freeze"])
+    assert [e.cache for e in estimates] == [0, 0, 0]
+    assert "frozen cache" not in format_plan(estimates, None)
+    recipe = _recipe(tmp_path, tiny_bert, sentiment_csv, head, "mean", "auto")
+    estimates = plan(recipe, "cpu", ["head", "lora", "freeze"])
+    assert estimates[0].cache > 0 and estimates[1].cache == 0 and estimates[2].cache > 0
+    assert "frozen cache" in format_plan(estimates, None)

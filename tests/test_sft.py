@@ -256,8 +256,8 @@ def test_sft_tokens_come_from_the_cache_on_a_second_load(tmp_path, tiny_llama, m
     """The second load of the same file renders nothing and gives the same token ids and
     labels; a different chat template is a different entry, since the tokenizer's JSON does
     not hold it."""
-    import peftlab.tasks.sft_data as sft_data
     from peftlab.models import load_tokenizer
+    from peftlab.tasks import sft_data
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_llama, alpaca_file(tmp_path),
                                       model={"task": "causal_lm"}))

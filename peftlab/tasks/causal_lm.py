@@ -29,6 +29,9 @@ from peftlab.tasks.sft_data import IGNORE, collate_sft, load_sft_data
 
 METRICS = ("loss", "perplexity")  # train.metric_for_best
 NEW_HEAD = False  # lm_head is pretrained: it stays frozen under adapters
+PIPELINE_TAG = "text-generation"  # the hub's pipeline and model-index task type
+AUTO_CLASS = "AutoModelForCausalLM"  # what plain transformers loads it with
+CARD_METRICS = ("perplexity", "loss")  # metrics.json keys that go in the card's model-index
 PREDICT_OPTIONS = (
     (("--prompt",), {"action": "append", "help": "causal-LM runs: a prompt to continue "
                                                  "(repeatable)"}),
@@ -74,22 +77,35 @@ def prompt_text(tokenizer, example, fmt: str) -> str:
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int,
-             temperature: float = 0.0) -> str:
-    """Greedy by default; stops at EOS. Returns only the new text."""
-    device = next(model.parameters()).device
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """(1, tokens) ids of a rendered prompt, with BOS first as in training."""
     add_bos = bool(tokenizer.bos_token) and not prompt.startswith(tokenizer.bos_token)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if add_bos:
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
-    ids = ids.to(device)
+    return ids
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, ids: torch.Tensor, max_new_tokens: int,
+                 temperature: float = 0.0, **options) -> list[int]:
+    """The new token ids: greedy at temperature 0, else sampled; stops at EOS. `options`
+    go to model.generate (top_p, streamer, stop_strings with tokenizer)."""
+    ids = ids.to(next(model.parameters()).device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
         "do_sample": False}
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                         pad_token_id=tokenizer.pad_token_id, **sampling, **options)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int,
+             temperature: float = 0.0) -> str:
+    """Greedy by default; stops at EOS. Returns only the new text."""
+    new = generate_ids(model, tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens,
+                       temperature)
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def prepare(recipe: Recipe, say) -> Task:
@@ -178,3 +194,12 @@ def output_bytes(recipe: Recipe, tokens: int, vocab: int, training: bool) -> flo
     """One chunk of logits over the vocabulary (the whole when the loss is not chunked)."""
     return logits_bytes(tokens, vocab, recipe.train.chunked_lm_loss,
                         recipe.train.lm_loss_chunk_tokens, training=training)
+
+
+def frozen_cache_bytes(recipe: Recipe, kind: str, hidden: int, precision: str) -> float:
+    return 0.0  # no frozen-feature cache for this task (train.cache_frozen: true is refused)
+
+
+def serve_routes(app, served, auth) -> None:
+    from peftlab.tasks.causal_lm_serve import add_routes
+    add_routes(app, served, auth)

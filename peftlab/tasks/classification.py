@@ -9,6 +9,7 @@ transformers has no such head class.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -24,15 +25,17 @@ from peftlab.data import format_unknown_tokens, tokenize_splits, unknown_token_r
 from peftlab.errors import PeftlabError
 from peftlab.frozen_cache import (
     Boundary,
+    cache_bytes,
     cache_loaders,
     cache_pays,
     find_boundary,
+    fits_in_memory,
     forward_logits,
     refuse,
 )
 from peftlab.hardware import precision_context
 from peftlab.models import load_tokenizer, resolve_model_path
-from peftlab.quantization import dequantize_linears
+from peftlab.quantization import FROZEN_BASE_KINDS, dequantize_linears
 from peftlab.strategies import PEFT_KINDS, apply_strategy
 from peftlab.task import Task
 from peftlab.tasks.classification_data import (
@@ -41,12 +44,19 @@ from peftlab.tasks.classification_data import (
     load_labelled_data,
 )
 from peftlab.tasks.classification_metrics import evaluate_split
-from peftlab.tasks.classification_model import build_classifier, load_classifier
+from peftlab.tasks.classification_model import (
+    build_classifier,
+    load_classifier,
+    trained_for_mean_pooling,
+)
 
 HEAD_FILE = "classifier.safetensors"
 METRICS = ("f1_macro", "accuracy", "f1_weighted", "precision_macro", "recall_macro",
            "precision_weighted", "recall_weighted", "loss")  # train.metric_for_best
 NEW_HEAD = True
+PIPELINE_TAG = "text-classification"  # the hub's pipeline and model-index task type
+AUTO_CLASS = "AutoModelForSequenceClassification"  # what plain transformers loads it with
+CARD_METRICS = ("accuracy", "f1_macro")  # metrics.json keys that go in the card's model-index
 PREDICT_OPTIONS = (
     (("--text",), {"action": "append", "help": "a text to label (classification, NER; "
                                                "repeatable)"}),
@@ -178,26 +188,36 @@ def load(folder: Path, recipe: Recipe, info: dict, dequantize: bool):
     return model.eval(), tokenizer
 
 
-@torch.inference_mode()
 def predict_texts(model, tokenizer, texts: list[str], max_length: int, precision: str = "no",
                   batch_size: int = 64) -> list[tuple[int, float]]:
-    """(label id, probability) per text, in input order, in the run's precision. Texts are
-    tokenized once and go longest first, so each batch pads to nearly its own length (as
-    evaluation does)."""
+    """(label id, probability) per text, in input order, in the run's precision."""
+    return [max(enumerate(row), key=lambda pair: pair[1]) for row in class_probabilities(
+        model, tokenizer, texts, max_length, precision, batch_size)]
+
+
+@torch.inference_mode()
+def class_probabilities(model, tokenizer, texts: list[str], max_length: int,
+                        precision: str = "no", batch_size: int = 64) -> list[list[float]]:
+    """Every label's probability per text, in input order. Texts are tokenized once and go
+    longest first, so each batch pads to nearly its own length (as evaluation does)."""
     device = next(model.parameters()).device
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     order = sorted(range(len(texts)), key=lambda i: (-len(encoded["input_ids"][i]), i))
-    out: list[tuple[int, float]] = [(0, 0.0)] * len(texts)
+    out: list[list[float]] = [[] for _ in texts]
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         batch = tokenizer.pad([{k: v[i] for k, v in encoded.items()} for i in chosen],
                               return_tensors="pt").to(device)
         with precision_context(precision, device):
             logits = model(**batch).logits
-        best = logits.float().softmax(-1).max(-1)
-        for i, label, prob in zip(chosen, best.indices.tolist(), best.values.tolist()):
-            out[i] = (label, prob)
+        for i, row in zip(chosen, logits.float().softmax(-1).tolist()):
+            out[i] = row
     return out
+
+
+def serve_routes(app, served, auth) -> None:
+    from peftlab.tasks.classification_serve import add_routes
+    add_routes(app, served, auth)
 
 
 def eval_loaders(recipe: Recipe, tokenizer, info: dict, data_file: str | None):
@@ -256,3 +276,28 @@ def meta_model(config, recipe: Recipe) -> nn.Module:
 
 def output_bytes(recipe: Recipe, tokens: int, vocab: int, training: bool) -> float:
     return 0.0  # a few logits per example: nothing beside the activations
+
+
+def frozen_cache_bytes(recipe: Recipe, kind: str, hidden: int, precision: str) -> float:
+    """Planner: what train.cache_frozen would keep in memory under strategy `kind`, from the
+    data's real token lengths (tokenized through the token cache, so the run that follows
+    loads them back) and the same formula cache_loaders uses. 0 when it would not cache, or
+    would memory-map the features (file pages the system can drop)."""
+    setting, s = recipe.train.cache_frozen, recipe.strategy
+    if setting is False or kind not in ("head", "freeze") or \
+            (kind == "freeze" and s.freeze_layers < 1):
+        return 0.0
+    path = resolve_model_path(recipe.model.name, recipe)
+    pooled = kind == "head" and (recipe.model.pooling == "mean" or recipe.model.pooling ==
+                                 "auto" and trained_for_mean_pooling(path))
+    tokenized = tokenize_splits(load_labelled_data(recipe).splits,
+                                load_tokenizer(path, recipe), recipe.model.max_length)
+    lengths = {split: [len(ids) for ids in rows["input_ids"]] for split, rows in
+               tokenized.items()}
+    train_batches = math.ceil(len(lengths["train"]) / recipe.train.batch_size)
+    if setting == "auto" and not cache_pays(recipe, train_batches):
+        return 0.0
+    bf16_base = precision == "bf16" and kind in FROZEN_BASE_KINDS  # stored in bf16
+    needed = cache_bytes(lengths, hidden, Boundary("pooled" if pooled else "layer"),
+                         4 if precision == "no" else 2, 2 if bf16_base else 4)
+    return float(needed) if fits_in_memory(needed) else 0.0

@@ -32,6 +32,9 @@ from peftlab.token_cache import tokenized
 
 METRICS = ("f1", "exact_match", "loss")  # train.metric_for_best
 NEW_HEAD = True
+PIPELINE_TAG = "question-answering"  # the hub's pipeline and model-index task type
+AUTO_CLASS = "AutoModelForQuestionAnswering"  # what plain transformers loads it with
+CARD_METRICS = ("exact_match", "f1")  # metrics.json keys that go in the card's model-index
 PREDICT_OPTIONS = (
     (("--question",), {"action": "append", "help": "QA runs: a question (repeatable, one "
                                                    "--context each)"}),
@@ -329,3 +332,12 @@ def meta_model(config, recipe: Recipe) -> nn.Module:
 
 def output_bytes(recipe: Recipe, tokens: int, vocab: int, training: bool) -> float:
     return 0.0  # two logits per token
+
+
+def frozen_cache_bytes(recipe: Recipe, kind: str, hidden: int, precision: str) -> float:
+    return 0.0  # no frozen-feature cache for this task (train.cache_frozen: true is refused)
+
+
+def serve_routes(app, served, auth) -> None:
+    from peftlab.tasks.question_answering_serve import add_routes
+    add_routes(app, served, auth)

@@ -30,6 +30,9 @@ from peftlab.token_cache import tokenized
 
 METRICS = ("f1", "precision", "recall", "accuracy", "loss")  # train.metric_for_best
 NEW_HEAD = True
+PIPELINE_TAG = "token-classification"  # the hub's pipeline and model-index task type
+AUTO_CLASS = "AutoModelForTokenClassification"  # what plain transformers loads it with
+CARD_METRICS = ("f1", "precision", "recall", "accuracy")  # metrics.json keys that go in the card's model-index
 PREDICT_OPTIONS = ()  # --text and --file, declared by classification
 
 
@@ -285,3 +288,12 @@ def meta_model(config, recipe: Recipe) -> nn.Module:
 def output_bytes(recipe: Recipe, tokens: int, vocab: int, training: bool) -> float:
     return 0.0  # tokens x tags logits: a few numbers per token beside the activations
 
+
+
+def frozen_cache_bytes(recipe: Recipe, kind: str, hidden: int, precision: str) -> float:
+    return 0.0  # no frozen-feature cache for this task (train.cache_frozen: true is refused)
+
+
+def serve_routes(app, served, auth) -> None:
+    from peftlab.tasks.token_classification_serve import add_routes
+    add_routes(app, served, auth)
