@@ -37,6 +37,7 @@ class ModelConfig:
     #                              | float32 | float16
     revision: str | None = None  # hub revision (branch, tag or commit)
     hub_id: str | None = None  # the base's hub id when name is a folder (publish names it)
+    adapter: str | None = None  # start from this adapter (folder or hub repo), not a new one
 
 
 @dataclass

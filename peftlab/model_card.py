@@ -73,12 +73,14 @@ def _label_kwargs(info: dict) -> str:
     return f", num_labels={len(names)}, id2label={dict(enumerate(names))!r}"
 
 
-def loading_snippet(recipe: Recipe, info: dict, repo_id: str, what: str) -> str:
+def loading_snippet(recipe: Recipe, info: dict, repo_id: str, hub_id: str, what: str) -> str:
+    """Plain transformers (+ peft's generic PeftModel, which passes token_type_ids through,
+    unlike its task classes: see strategies._peft_task)."""
     auto = task_module(recipe.model.task).AUTO_CLASS
     if what == "adapter":
-        peft_auto = auto.replace("AutoModel", "AutoPeftModel")
-        return (f"from peft import {peft_auto}\nfrom transformers import AutoTokenizer\n"
-                f"model = {peft_auto}.from_pretrained(\"{repo_id}\"{_label_kwargs(info)})\n"
+        return (f"from peft import PeftModel\nfrom transformers import {auto}, AutoTokenizer\n"
+                f"base = {auto}.from_pretrained(\"{hub_id}\"{_label_kwargs(info)})\n"
+                f"model = PeftModel.from_pretrained(base, \"{repo_id}\")\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")")
     return (f"from transformers import {auto}, AutoTokenizer\n"
             f"model = {auto}.from_pretrained(\"{repo_id}\")\n"
@@ -157,7 +159,7 @@ def build_card(recipe: Recipe, info: dict, run_dir: Path, repo_id: str, hub_id: 
         "## How to use",
         "",
         "```python",
-        loading_snippet(recipe, info, repo_id, what),
+        loading_snippet(recipe, info, repo_id, hub_id, what),
         "```",
         "",
         "## Limitations",

@@ -145,6 +145,12 @@ def load_served(run_dir: str | Path, limits: ServeLimits) -> Served:
                   model_id=run_dir.resolve().name)
 
 
+def _batch_stats(app) -> dict:
+    """How many forward passes the micro-batcher made and their mean size (1 = no gathering)."""
+    sizes = getattr(getattr(app.state, "batcher", None), "batch_sizes", [])
+    return {"count": len(sizes), "mean_size": sum(sizes) / len(sizes) if sizes else 0.0}
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error"):
     from fastapi.responses import JSONResponse
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
@@ -198,7 +204,7 @@ def create_app(run_dir: str | Path, limits: ServeLimits | None = None,
                 "precision": served.info["precision"],
                 "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file()
                 else None,
-                "limits": served.limits.__dict__}
+                "limits": served.limits.__dict__, "batches": _batch_stats(app)}
 
     @app.get("/v1/models", dependencies=[auth])
     async def models():

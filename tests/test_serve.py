@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from test_question_answering import qa_bert, squad_files  # noqa: F401  (fixtures)
+from test_token_classification import conll_files, ner_bert  # noqa: F401  (fixtures)
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -272,3 +274,60 @@ def test_openai_errors_are_4xx(stories_server):
         status, error = call(f"{url}/v1/{path}", body, headers={"Authorization":
                                                                 "Bearer sk-lm"})
         assert 400 <= status < 500 and error["error"]["message"], body
+
+
+# --- NER and extractive QA -----------------------------------------------------------------
+def test_entities_endpoint_answers_what_predict_finds(tmp_path, ner_bert, conll_files):  # noqa: F811
+    from test_token_classification import ner_recipe
+
+    from peftlab.artifacts import load_trained
+    from peftlab.config import load_recipe
+    from peftlab.tasks.token_classification import tag_texts
+    from peftlab.train import run
+    run(load_recipe(ner_recipe(tmp_path / "r.yaml", ner_bert, conll_files)),
+        output_dir=str(tmp_path / "run"))
+    texts = ["Angela Merkel visited Paris", "nothing here"]
+    model, tokenizer, recipe, info = load_trained(tmp_path / "run")
+    expected = tag_texts(model, tokenizer, texts, recipe.model.max_length, info["tag_names"])
+    with serving(create_app(tmp_path / "run")) as url:
+        status, body = call(f"{url}/v1/entities", {"texts": texts})
+        assert status == 200
+        for got, want, text in zip(body["results"], expected, texts):
+            assert [(e["entity"], e["start"], e["end"]) for e in got["entities"]] == \
+                [(e["entity"], e["start"], e["end"]) for e in want]
+            assert all(text[e["start"]:e["end"]] == e["text"] for e in got["entities"])
+        assert call(f"{url}/v1/entities", {"texts": [""]})[0] == 422
+        assert call(f"{url}/v1/classify", {"texts": texts})[0] == 404  # not this task's
+
+
+def test_answer_endpoint_answers_what_predict_finds(tmp_path, qa_bert, squad_files):  # noqa: F811
+    from test_question_answering import qa_recipe
+
+    from peftlab.artifacts import load_trained
+    from peftlab.config import load_recipe
+    from peftlab.tasks.question_answering import answer_questions
+    from peftlab.train import run
+    run(load_recipe(qa_recipe(tmp_path / "r.yaml", qa_bert, squad_files,
+                              train={"epochs": 4})), output_dir=str(tmp_path / "run"))
+    paragraphs = json.loads(squad_files["test"].read_text())["data"][0]["paragraphs"][:3]
+    contexts = [p["context"] for p in paragraphs]
+    questions = [p["qas"][0]["question"] for p in paragraphs]
+    model, tokenizer, recipe, info = load_trained(tmp_path / "run")
+    expected = answer_questions(model, tokenizer, recipe, questions, contexts,
+                                info.get("unanswerable", False))
+    with serving(create_app(tmp_path / "run")) as url:
+        status, body = call(f"{url}/v1/answer", {"questions": [
+            {"question": q, "context": c} for q, c in zip(questions, contexts)]})
+        assert status == 200
+        for got, (answer, score, start, end), context in zip(body["results"], expected,
+                                                             contexts):
+            assert (got["answer"], got["start"], got["end"]) == (answer, start, end)
+            assert got["score"] == pytest.approx(score, abs=1e-5)
+            assert context[got["start"]:got["end"]] == got["answer"]
+        status, one = call(f"{url}/v1/answer", {"question": questions[0],
+                                                "context": contexts[0]})
+        assert status == 200 and one["results"][0]["answer"] == expected[0][0]
+        for bad in ({"question": questions[0]}, {"questions": []},
+                    {"questions": [{"question": "x"}]}, {"question": "", "context": contexts[0]},
+                    {"question": "x", "context": contexts[0], "questions": []}):
+            assert call(f"{url}/v1/answer", bad)[0] == 422, bad

@@ -141,3 +141,39 @@ def test_full_fine_tuning_keeps_fp32_weights_under_bf16(tiny_bert):
                                "train": {"mixed_precision": "bf16", "cpu": True}})
     model, _, _ = load_classifier(recipe, ["neg", "pos"])
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("head", ["AutoModelForSequenceClassification",
+                                  "AutoModelForQuestionAnswering",
+                                  "AutoModelForTokenClassification"])
+def test_adapted_encoders_see_token_types_like_their_merged_model(tiny_bert, head):
+    """peft's task wrappers drop token_type_ids; peftlab's adapters must not, or a text-pair
+    classifier or a QA model trains blind to BERT's segments while its merged model (and
+    plain transformers) use them. The adapted model, given segments, equals its merge."""
+    import copy
+
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    model = getattr(transformers, head).from_pretrained(str(tiny_bert), num_labels=2)
+    recipe = recipe_from_dict({"model": {"name": str(tiny_bert)}, "data": {"train": "x.csv"},
+                               "strategy": {"kind": "lora", "lora_r": 4}})
+    adapted = apply_strategy(model, recipe).model.eval()
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:  # B starts at zero: make the adapter change something
+            torch.nn.init.normal_(param, std=0.5)
+    ids = torch.randint(5, 30, (2, 12))
+    segments = torch.zeros_like(ids)
+    segments[:, 6:] = 1
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def first_output(m, **extra):
+        out = m(**inputs, **extra)
+        return out.logits if hasattr(out, "logits") else out.start_logits
+    with torch.no_grad():
+        with_segments = first_output(adapted, token_type_ids=segments)
+        without = first_output(adapted)
+        merged = first_output(copy.deepcopy(adapted).merge_and_unload(),
+                              token_type_ids=segments)
+    torch.testing.assert_close(with_segments, merged, rtol=1e-4, atol=1e-5)
+    assert (with_segments - without).abs().max() > 1e-3  # the segments reached the model
