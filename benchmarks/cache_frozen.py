@@ -33,7 +33,7 @@ JOBS = {
     "head": ("recipes/minilm_sst2_head.yaml", []),
     "freeze": ("recipes/minilm_sst2_freeze.yaml", ["strategy.freeze_layers=4"]),
 }
-COMMON = ["train.keep_checkpoints=0", "output.tensorboard=false", "train.eval_every_steps=0"]
+COMMON = ["train.keep_checkpoints=0", "train.report_to=[none]", "train.eval_every_steps=0"]
 
 
 def run_job(name: str, epochs: float, cache: bool, precision: str) -> dict:

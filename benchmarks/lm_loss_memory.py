@@ -87,7 +87,7 @@ def overrides(model: Path, data: Path, seq: int, chunked: bool, precision: str) 
             "train.max_steps=1", "train.group_by_length=false", "eval.batch_size=1",
             "eval.max_new_tokens=1", "eval.sample_prompts=[w5]", "data.max_eval_samples=1",
             f"train.mixed_precision={precision}", f"train.chunked_lm_loss={str(chunked).lower()}",
-            "train.keep_checkpoints=0", "output.tensorboard=false"]
+            "train.keep_checkpoints=0", "train.report_to=[none]"]
 
 
 def run_job(model: Path, data: Path, seq: int, chunked: bool, precision: str) -> dict:

@@ -72,10 +72,10 @@ def main() -> None:
                             "max_length": args.seq + 2, "compute_dtype": "float32"},
                   "data": {"train": str(data), "split_ratios": [0.9, 0.1, 0.0]},
                   "train": {"max_steps": args.steps, "batch_size": args.batch,
-                            "mixed_precision": "no", **sections.get("train", {})},
+                            "mixed_precision": "no", "report_to": ["none"],
+                            **sections.get("train", {})},
                   "strategy": sections["strategy"],
-                  "eval": {"sample_prompts": ["the movie"], "max_new_tokens": 1},
-                  "output": {"tensorboard": False}}
+                  "eval": {"sample_prompts": ["the movie"], "max_new_tokens": 1}}
         path = work / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
         out = work / "runs" / name.replace(" ", "_").replace("/", "_")

@@ -45,7 +45,7 @@ JOBS = {
                                                            "train.cache_frozen=true"]),
     "head_cached": ("recipes/minilm_sst2_head.yaml", ["train.cache_frozen=true"]),
 }
-COMMON = ["train.keep_checkpoints=0", "output.tensorboard=false"]
+COMMON = ["train.keep_checkpoints=0", "train.report_to=[none]"]
 
 
 def run_job(name: str, precision: str, args) -> dict:

@@ -40,7 +40,7 @@ RECIPES = {"ner": {"full": "recipes/minilm_conll2003_full.yaml",
                   "lora": "recipes/minilm_xquad_en_lora.yaml",
                   "untrained": "recipes/minilm_xquad_en_full.yaml"}}
 SCORES = {"ner": ("f1", "precision", "recall", "accuracy"), "qa": ("f1", "exact_match")}
-COMMON = ["train.keep_checkpoints=0", "output.tensorboard=false"]
+COMMON = ["train.keep_checkpoints=0", "train.report_to=[none]"]
 
 
 def overrides(args) -> list[str]:

@@ -47,7 +47,7 @@ from peftlab.model_shape import shape_of
 RESULTS = Path(__file__).parent / "results"
 # the same job on both sides: no test split to evaluate, no checkpoints, no trackers
 COMMON = ["data.test=null", "data.split_ratios=[0.9,0.1,0.0]", "train.eval_every_steps=0",
-          "train.keep_checkpoints=0", "output.tensorboard=false"]
+          "train.keep_checkpoints=0", "train.report_to=[none]"]
 TIMES = ("median_step_seconds", "train_loop_seconds", "wall_seconds")
 PEFTLAB_ENV = {"peftlab": {}, "peftlab_mmap": {"PEFTLAB_MMAP_THRESHOLD": str(128 * 1024)},
                "peftlab_onednn1024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},

@@ -116,6 +116,9 @@ class TrainConfig:
     # head, and freeze with layers frozen: run the frozen bottom once per split (eval mode, no
     # dropout) and train on its cached outputs; auto: when it would run more than once
     cache_frozen: bool | str = "auto"
+    # experiment trackers (Accelerate's): tensorboard (under <run>/logs), wandb, mlflow,
+    # trackio, comet_ml, aim, clearml, dvclive, swanlab; [none] for no tracker
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -135,7 +138,6 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = ""  # run folder; default runs/<recipe name>
-    tensorboard: bool = True  # write TensorBoard logs under <run>/logs
     license: str | None = None  # publish: the card's license (default: the base model's)
     datasets: list[str] = field(default_factory=list)  # publish: hub ids of the training data
 

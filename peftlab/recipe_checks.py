@@ -44,6 +44,11 @@ def validate(recipe: Recipe) -> None:
             raise PeftlabError(f"{where}: {dotted}: unknown value '{value}'; "
                                f"choose one of {', '.join(str(a).lower() for a in allowed)}")
     _validate_task(recipe)
+    from peftlab.trackers import TRACKERS
+    unknown = [t for t in recipe.train.report_to if t not in (*TRACKERS, "none")]
+    if unknown:
+        raise PeftlabError(f"{where}: train.report_to: unknown tracker '{unknown[0]}'; choose "
+                           f"from {', '.join(TRACKERS)}, or none")
     if not recipe.data.train:
         raise PeftlabError(f"{where}: data.train is required (a file, folder or hub dataset)")
     ratios = recipe.data.split_ratios

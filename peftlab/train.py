@@ -18,10 +18,11 @@ from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from peftlab import trackers
 from peftlab.batches import pad_for_processes
 from peftlab.checkpoints import (
     LoopState,
@@ -31,7 +32,7 @@ from peftlab.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from peftlab.config import Recipe, read_yaml, recipe_to_dict
+from peftlab.config import Recipe, read_yaml
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.guards import (
     StopRequests,
@@ -82,15 +83,6 @@ def _groups_open(report: StrategyReport, recipe: Recipe, step: int, epoch: int) 
     return min(1 + (step // every if every else epoch), len(report.groups))
 
 
-def _tracker_config(recipe: Recipe) -> dict:
-    flat = {}
-    for section, values in recipe_to_dict(recipe).items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) \
-                else str(value)
-    return flat
-
-
 def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         resume: str | None = None) -> dict:
     """Train, evaluate and save one run; returns the metrics, the run summary, the run folder
@@ -116,10 +108,12 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
     # items (examples or target tokens) of the whole step across micro-batches and processes
     accelerator = Accelerator(mixed_precision=precision, cpu=cfg.cpu,
                               kwargs_handlers=ddp_kwargs(kind),
-                              log_with="tensorboard" if recipe.output.tensorboard else None,
-                              project_dir=str(run_dir),
+                              log_with=trackers.trackers_of(recipe) or None,
+                              project_config=ProjectConfiguration(
+                                  project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
                               # one scheduler step per optimizer step, whatever the processes
                               step_scheduler_with_optimizer=False)
+    accelerator.wait_for_everyone()  # every rank checked the run folder before any writes
     say = accelerator.print
     if accelerator.device.type == "cpu" and os.environ.get("PEFTLAB_MMAP_THRESHOLD"):
         set_mmap_threshold(int(os.environ["PEFTLAB_MMAP_THRESHOLD"]))  # benchmarks only
@@ -166,8 +160,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         state, best_state = load_checkpoint(accelerator, checkpoint)
         say(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, "
             f"{state.batches_in_epoch} micro-batches into it)")
-    if recipe.output.tensorboard:
-        accelerator.init_trackers("logs", config=_tracker_config(recipe))
+    trackers.start(accelerator, recipe, run_dir)
     effective = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     say(f"training {total_steps} steps: batch {cfg.batch_size} x {accelerator.num_processes} "
         f"processes x {cfg.grad_accum} accumulation = {effective} effective, "
@@ -394,6 +387,7 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         task.save(unwrapped, run_dir, precision)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    trackers.finish(accelerator, recipe, run_dir, metrics, state.step)
     model = optimizer = scheduler = prepared = loaders = None  # the DDP wrapper, freed
     finish_together(accelerator)
     say(f"run folder: {run_dir}  ({train_seconds:.1f}s training, "

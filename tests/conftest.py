@@ -101,7 +101,7 @@ def learned_lora_run(tmp_path_factory, tiny_bert, sentiment_csv) -> Path:
         folder / "r.yaml", tiny_bert, sentiment_csv,
         model={"hub_id": TINY_BERT_HUB_ID, "max_length": 16},
         train={"lr": 3e-3, "epochs": 10, "mixed_precision": "no"},
-        output={"license": "mit", "tensorboard": False}))
+        output={"license": "mit"}))
     result = run(recipe, output_dir=str(folder / "run"))
     reset_accelerate_state()
     assert result["metrics"]["test"]["accuracy"] >= 0.8
@@ -115,8 +115,7 @@ def write_recipe(path: Path, model_path: Path, train_file: Path, **sections) -> 
         "data": {"train": str(train_file)},
         "strategy": {"kind": "lora", "lora_r": 4},
         "train": {"epochs": 4, "batch_size": 16, "lr": 2e-2, "log_every_steps": 5,
-                  "mixed_precision": "no"},
-        "output": {"tensorboard": False},
+                  "mixed_precision": "no", "report_to": ["none"]},
     }
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)

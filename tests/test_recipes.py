@@ -105,7 +105,7 @@ def test_every_shipped_recipe_trains_on_a_tiny_model_of_its_architecture(
                  f"model.max_length={min(recipe.model.max_length, 128)}",
                  f"data.doc_stride={min(recipe.data.doc_stride, 32)}",
                  "data.max_train_samples=48", "data.max_eval_samples=12",
-                 "eval.batch_size=4", "eval.max_new_tokens=2", "output.tensorboard=false"]
+                 "eval.batch_size=4", "eval.max_new_tokens=2", "train.report_to=[none]"]
     recipe = load_recipe(path, overrides)
     result = run(recipe, output_dir=str(tmp_path / "run"))
     reset_accelerate_state()

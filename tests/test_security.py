@@ -68,8 +68,8 @@ def test_no_secret_from_the_environment_reaches_the_run_folder(tmp_path, tiny_be
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setenv("WANDB_API_KEY", secret)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, sentiment_csv,
-                          train={"max_steps": 2, "batch_size": 8, "cpu": True},
-                          output={"tensorboard": True})
+                          train={"max_steps": 2, "batch_size": 8, "cpu": True,
+                                 "report_to": ["tensorboard"]})
     assert main(["train", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any("events.out.tfevents" in p.name for p in files)  # logs were written and read

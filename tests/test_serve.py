@@ -206,7 +206,7 @@ def stories_server(tmp_path_factory):
     recipe = load_recipe(REPO / "recipes" / "stories260k_alpaca_lora.yaml",
                          ["train.max_steps=4", "train.eval_at_start=false",
                           "eval.max_new_tokens=4", "train.mixed_precision=no",
-                          "output.tensorboard=false", "train.keep_checkpoints=0",
+                          "train.report_to=[none]", "train.keep_checkpoints=0",
                           f"data.train={STORIES.parent.parent / 'alpaca_demo' / 'alpaca_en_demo.json'}"])
     run(recipe, output_dir=str(folder / "run"))
     from conftest import reset_accelerate_state

@@ -21,7 +21,7 @@ TEXTS = ["the movie was really great", "a terrible and boring film", "this show 
 def lora_run(tmp_path_factory, tiny_bert, sentiment_csv):
     folder = tmp_path_factory.mktemp("lora_run")
     recipe = load_recipe(write_recipe(folder / "recipe.yaml", tiny_bert, sentiment_csv,
-                                      output={"tensorboard": True}))
+                                      train={"report_to": ["tensorboard"]}))
     result = run(recipe, output_dir=str(folder / "run"))
     reset_accelerate_state()
     return folder / "run", result
