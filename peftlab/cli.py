@@ -169,6 +169,7 @@ def cmd_publish(args) -> int:
 def cmd_serve(args) -> int:
     from peftlab.serve import ServeLimits, serve
     limits = ServeLimits(max_chars=args.max_chars, max_inputs=args.max_inputs,
+                         max_image_bytes=args.max_image_bytes,
                          max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms)
     serve(args.run, args.host, args.port, args.api_key_env, limits)
@@ -261,6 +262,8 @@ def build_parser(task_options: bool = True) -> argparse.ArgumentParser:
     server.add_argument("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer "
                         "<key>' with the key read from this environment variable")
     server.add_argument("--max-batch", type=int, default=32, help="inputs per forward pass")
+    server.add_argument("--max-image-bytes", type=int, default=10 * 2**20,
+                        help="image runs: the largest uploaded image (bytes)")
     server.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long a batch waits for more inputs")
     server.add_argument("--max-chars", type=int, default=8192, help="characters per input")

@@ -38,6 +38,7 @@ class ModelConfig:
     revision: str | None = None  # hub revision (branch, tag or commit)
     hub_id: str | None = None  # the base's hub id when name is a folder (publish names it)
     adapter: str | None = None  # start from this adapter (folder or hub repo), not a new one
+    from_config: bool = False  # random weights from name's config.json: train from scratch
 
 
 @dataclass
@@ -69,6 +70,12 @@ class DataConfig:
     title_column: str = "title"  # question_answering: article; missing splits keep articles whole
     doc_stride: int = 128  # question_answering: overlap of the windows of a long context
     bad_answers: str = "error"  # question_answering: error | drop an answer not at its start
+    image_column: str = "image"  # image_classification tables: image path (relative to the file)
+    bad_images: str = "error"  # image_classification: error | skip unreadable or corrupt images
+    augment_crop_scale: list[float] | None = None  # train-only random resized crop, e.g. [0.8, 1.0]
+    augment_flip: bool = False  # train-only random horizontal flip (not for digits or text)
+    augment_rotation: float = 0.0  # train-only random rotation, up to this many degrees
+    workers: int = 2  # image_classification: DataLoader processes that decode images
 
 
 @dataclass

@@ -75,16 +75,22 @@ def _label_kwargs(info: dict) -> str:
 
 def loading_snippet(recipe: Recipe, info: dict, repo_id: str, hub_id: str, what: str) -> str:
     """Plain transformers (+ peft's generic PeftModel, which passes token_type_ids through,
-    unlike its task classes: see strategies._peft_task)."""
-    auto = task_module(recipe.model.task).AUTO_CLASS
+    unlike its task classes: see strategies._peft_task). The inputs' class is the task's
+    (a tokenizer, or an image processor)."""
+    task = task_module(recipe.model.task)
+    auto, inputs = task.AUTO_CLASS, getattr(task, "INPUTS_CLASS", "AutoTokenizer")
+    name = "processor" if inputs == "AutoImageProcessor" else "tokenizer"
+    # a base with another head size needs ignore_mismatched_sizes (a new head for the labels)
+    mismatched = ", ignore_mismatched_sizes=True" if name == "processor" else ""
     if what == "adapter":
-        return (f"from peft import PeftModel\nfrom transformers import {auto}, AutoTokenizer\n"
-                f"base = {auto}.from_pretrained(\"{hub_id}\"{_label_kwargs(info)})\n"
+        return (f"from peft import PeftModel\nfrom transformers import {auto}, {inputs}\n"
+                f"base = {auto}.from_pretrained(\"{hub_id}\"{_label_kwargs(info)}"
+                f"{mismatched})\n"
                 f"model = PeftModel.from_pretrained(base, \"{repo_id}\")\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")")
-    return (f"from transformers import {auto}, AutoTokenizer\n"
+                f"{name} = {inputs}.from_pretrained(\"{repo_id}\")")
+    return (f"from transformers import {auto}, {inputs}\n"
             f"model = {auto}.from_pretrained(\"{repo_id}\")\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")")
+            f"{name} = {inputs}.from_pretrained(\"{repo_id}\")")
 
 
 def _results_table(metrics: dict) -> list[str]:

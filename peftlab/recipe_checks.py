@@ -21,6 +21,7 @@ CHOICES = {
     "data.sft_format": ("auto", "alpaca", "chat", "prompt_completion", "text"),
     "data.label_case": ("keep", "lower"),
     "data.bad_answers": ("error", "drop"),
+    "data.bad_images": ("error", "skip"),
 }
 
 # the smallest valid value of each numeric field that has one
@@ -31,7 +32,7 @@ MINIMUMS = {"model.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "train.eval_every_steps": 0,
             "train.early_stopping_patience": 0, "train.max_grad_norm": 0,
             "train.warmup_ratio": 0, "data.max_train_samples": 0, "data.max_eval_samples": 0,
-            "data.doc_stride": 0, "eval.max_answer_length": 1, "eval.n_best": 1}
+            "data.doc_stride": 0, "data.workers": 0, "data.augment_rotation": 0, "eval.max_answer_length": 1, "eval.n_best": 1}
 
 
 def validate(recipe: Recipe) -> None:
@@ -60,6 +61,10 @@ def validate(recipe: Recipe) -> None:
         value = getattr(getattr(recipe, section), key)
         if value is not None and value < minimum:  # None: the field is unset
             raise PeftlabError(f"{where}: {dotted} must be >= {minimum}, got {value}")
+    scale = recipe.data.augment_crop_scale
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise PeftlabError(f"{where}: data.augment_crop_scale must be [low, high] with "
+                           f"0 < low <= high <= 1 (shares of the image's area), got {scale}")
     if recipe.train.lr is not None and recipe.train.lr <= 0:
         raise PeftlabError(f"{where}: train.lr must be > 0, got {recipe.train.lr}")
     if recipe.train.epochs <= 0 and recipe.train.max_steps <= 0:

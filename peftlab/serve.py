@@ -27,6 +27,7 @@ class ServeLimits:
     max_chars: int = 8192  # characters per text (prompt, question, context)
     max_inputs: int = 64  # texts per request
     max_new_tokens: int = 256  # causal LM: the most tokens one request may ask for
+    max_image_bytes: int = 10 * 2**20  # image classification: bytes per uploaded image
     max_batch: int = 32  # inputs gathered into one forward pass
     batch_wait_ms: float = 5.0  # how long the first input of a batch waits for company
 

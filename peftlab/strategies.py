@@ -125,8 +125,12 @@ def default_target_modules(model: nn.Module) -> list[str]:
     names = _maybe_include_all_linear_layers(config, wrapped).target_modules
     heads = set(head_names(model)) if wrapped is model else set()
     names = sorted(name for name in names if name.split(".")[0] not in heads)
+    if not names:  # convolutional bodies (ResNet, ConvNeXt's stem): peft adapts Conv2d too
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in wrapped.named_modules()
+                        if isinstance(module, nn.Conv2d) and name.split(".")[0] not in heads})
     if not names:
-        raise PeftlabError(f"{type(model).__name__}: no linear layers for LoRA; set "
+        raise PeftlabError(f"{type(model).__name__}: no linear or convolution layers for "
+                           f"LoRA; set "
                            f"strategy.target_modules")
     return names
 
@@ -165,8 +169,14 @@ def _prompt_task(model: nn.Module) -> str | None:
 
 
 def _new_heads(model: nn.Module) -> list[str] | None:
-    """Heads that must train and travel with an adapter: a classifier's, never lm_head."""
-    return None if hasattr(model, "backbone") or is_causal_lm(model) else head_names(model)
+    """Modules that must train and travel with an adapter: a classifier's head, never
+    lm_head; and batch norms (ResNet, ConvNeXt stems), whose running statistics move in
+    every training step and would otherwise be lost with the base (peft's advice)."""
+    if hasattr(model, "backbone") or is_causal_lm(model):
+        return None
+    norms = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm)})
+    return head_names(model) + norms
 
 
 def _wrap_peft(model: nn.Module, peft_config) -> nn.Module:

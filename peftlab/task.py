@@ -53,6 +53,8 @@ class TaskModule(Protocol):
     NEW_HEAD: bool
     PIPELINE_TAG: str  # model card: the hub's pipeline_tag and model-index task type
     AUTO_CLASS: str  # model card: the transformers Auto class that loads it
+    # model card: what prepares its inputs; optional, AutoTokenizer when absent
+    # INPUTS_CLASS: str
     CARD_METRICS: tuple[str, ...]  # model card: the metrics.json keys of its model-index
     METRICS: tuple[str, ...]  # what train.metric_for_best may name (its evaluation's keys)
     # its `peftlab predict` options: (flags, argparse keywords); a flag two tasks share (--text)

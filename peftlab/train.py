@@ -83,6 +83,17 @@ def _groups_open(report: StrategyReport, recipe: Recipe, step: int, epoch: int) 
     return min(1 + (step // every if every else epoch), len(report.groups))
 
 
+
+def batch_extent(batch: dict) -> tuple[int, int, torch.Tensor | int]:
+    """(examples, padded tokens, real tokens) of a batch; a batch without tokens (images)
+    counts one per example."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        rows = len(next(iter(batch.values())))
+        return rows, rows, rows
+    real = batch["attention_mask"].sum() if "attention_mask" in batch else ids.numel()
+    return ids.shape[0], ids.numel(), real
+
 def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         resume: str | None = None) -> dict:
     """Train, evaluate and save one run; returns the metrics, the run summary, the run folder
@@ -304,11 +315,10 @@ def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
                                                  / total_items)
                         window_loss += loss_sum.detach()
                         nonfinite.add_((~torch.isfinite(loss_sum.detach())).float())
-                        state.samples += batch["input_ids"].shape[0] * accelerator.num_processes
-                        state.padded_tokens += batch["input_ids"].numel() * \
-                            accelerator.num_processes
-                        real_tokens += batch["attention_mask"].sum() \
-                            if "attention_mask" in batch else batch["input_ids"].numel()
+                        rows, padded, real = batch_extent(batch)
+                        state.samples += rows * accelerator.num_processes
+                        state.padded_tokens += padded * accelerator.num_processes
+                        real_tokens += real
                     window_items += counts.sum()
                     if cfg.max_grad_norm > 0:
                         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -26,7 +26,8 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + [
 SHARED_DATA = Path(os.environ.get("PEFTLAB_DATA", REPO.parent / "shared" / "data"))
 # the hub models the recipes name, by architecture (model_type)
 HUB_ARCHITECTURES = {"openai-community/gpt2": "gpt2", "Qwen/Qwen2.5-0.5B-Instruct": "qwen2",
-                     "meta-llama/Meta-Llama-3-8B-Instruct": "llama"}
+                     "meta-llama/Meta-Llama-3-8B-Instruct": "llama",
+                     "google/vit-base-patch16-224": "vit", "microsoft/resnet-50": "resnet"}
 # the published configs of those models, kept for the planner (benchmarks/configs)
 PUBLISHED = {"qwen2": "qwen2.5-0.5b", "llama": "llama3-8b"}
 
@@ -51,6 +52,29 @@ def tiny_decoder(folder: Path, model_type: str) -> Path:
     config = AutoConfig.for_model(model_type, **sizes)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_vision(folder: Path, model_type: str) -> Path:
+    """A tiny model of the published vision architecture at its published input (224 x 224
+    RGB, the same processor class): ViT with 16 x 16 patches, ResNet with bottleneck blocks."""
+    from transformers import (
+        AutoModelForImageClassification,
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ViTConfig,
+        ViTImageProcessor,
+    )
+    if model_type == "vit":
+        config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64)
+        ViTImageProcessor().save_pretrained(folder)
+    else:
+        config = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 32, 32],
+                              depths=[1, 1, 1, 1], layer_type="bottleneck")
+        ConvNextImageProcessor().save_pretrained(folder)
+    torch.manual_seed(0)
+    AutoModelForImageClassification.from_config(config).save_pretrained(folder)
     return folder
 
 
@@ -82,12 +106,15 @@ def stand_ins(tmp_path_factory, minilm_like):
             return str(minilm_like)
         if name.startswith("llama2c:"):
             return name  # the real stories260K from the shared data: small enough as it is
+        if (REPO / name).is_dir():
+            return str(REPO / name)  # a config shipped in recipes/models: small as it is
         assert name in HUB_ARCHITECTURES, f"{name}: add its architecture to HUB_ARCHITECTURES"
         architecture = HUB_ARCHITECTURES[name]
         folder = tmp_path_factory.getbasetemp() / f"tiny_{architecture}"
         if not folder.is_dir():
             folder.mkdir()
-            tiny_decoder(folder, architecture)
+            builder = tiny_vision if architecture in ("vit", "resnet") else tiny_decoder
+            builder(folder, architecture)
         return str(folder)
     return stand_in
 

@@ -10,6 +10,7 @@ from peftlab.task import TaskModule
 from peftlab.tasks import (
     causal_lm,
     classification,
+    image_classification,
     question_answering,
     token_classification,
 )
@@ -19,6 +20,7 @@ TASKS: dict[str, TaskModule] = {
     "causal_lm": causal_lm,
     "token_classification": token_classification,
     "question_answering": question_answering,
+    "image_classification": image_classification,
 }
 
 
