@@ -39,7 +39,8 @@ RECIPES = {"ner": {"full": "recipes/minilm_conll2003_full.yaml",
            "qa": {"full": "recipes/minilm_xquad_en_full.yaml",
                   "lora": "recipes/minilm_xquad_en_lora.yaml",
                   "untrained": "recipes/minilm_xquad_en_full.yaml"}}
-SCORES = {"ner": ("f1", "precision", "recall", "accuracy"), "qa": ("f1", "exact_match")}
+SCORES = {"ner": ("f1", "precision", "recall", "accuracy"), "qa": ("f1", "exact_match"),
+          "images": ("accuracy",)}  # images: benchmarks/images.py
 COMMON = ["train.keep_checkpoints=0", "train.report_to=[none]"]
 
 
@@ -132,7 +133,7 @@ def markdown(records: list[dict], task: str) -> str:
     groups: dict[str, list] = {}
     for record in records:
         groups.setdefault(record["config"], []).append(record)
-    scale = 100 if task == "ner" else 1  # NER scores are shares, SQuAD's percentages
+    scale = 1 if task == "qa" else 100  # SQuAD's scores are percentages, the others shares
     for config, rows in groups.items():
         def cell(get, fmt, rows=rows):
             values = [get(row) for row in rows]
