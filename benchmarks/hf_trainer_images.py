@@ -97,7 +97,8 @@ def main() -> None:
     training = TrainingArguments(
         output_dir=args.out + ".trainer", num_train_epochs=args.epochs, learning_rate=args.lr,
         per_device_train_batch_size=args.batch, per_device_eval_batch_size=args.eval_batch,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,  # below 1: a ratio of the steps, in transformers 5
         lr_scheduler_type="linear", seed=args.seed, bf16=args.precision == "bf16",
         dataloader_num_workers=args.workers, save_strategy="no", eval_strategy="no",
         report_to=[], logging_steps=50, use_cpu=not torch.cuda.is_available(),
