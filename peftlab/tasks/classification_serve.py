@@ -20,6 +20,16 @@ def texts_of(request) -> list[str]:
     return request.texts if request.texts is not None else [request.text]
 
 
+def labelled(rows: list[list[float]], names: list[str]) -> list[dict]:
+    """Each input's best label, its probability and every label's (shared with images)."""
+    results = []
+    for row in rows:
+        best = max(range(len(row)), key=row.__getitem__)
+        results.append({"label": names[best], "score": row[best],
+                        "probabilities": dict(zip(names, row))})
+    return results
+
+
 def add_routes(app, served: Served, auth) -> None:
     names = served.info["label_names"]
     batcher = served.batcher(lambda texts: class_probabilities(
@@ -31,9 +41,5 @@ def add_routes(app, served: Served, auth) -> None:
     async def classify(request: ClassifyRequest):
         texts = texts_of(request)
         check_texts(texts, served.limits)
-        results = []
-        for row in await batcher.submit(texts):
-            best = max(range(len(row)), key=row.__getitem__)
-            results.append({"label": names[best], "score": row[best],
-                            "probabilities": dict(zip(names, row))})
-        return {"model": served.model_id, "results": results}
+        return {"model": served.model_id, "results": labelled(await batcher.submit(texts),
+                                                              names)}

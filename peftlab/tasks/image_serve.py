@@ -11,6 +11,7 @@ import binascii
 from fastapi import HTTPException, Request
 
 from peftlab.serve import Served
+from peftlab.tasks.classification_serve import labelled
 from peftlab.tasks.image_classification import image_probabilities
 from peftlab.tasks.image_data import _decodes
 
@@ -72,9 +73,5 @@ def add_routes(app, served: Served, auth) -> None:
     @app.post("/v1/images/classify", dependencies=[auth])
     async def classify_images(request: Request):
         images = _checked(await images_of(request), served)
-        results = []
-        for row in await batcher.submit(images):
-            best = max(range(len(row)), key=row.__getitem__)
-            results.append({"label": names[best], "score": row[best],
-                            "probabilities": dict(zip(names, row))})
-        return {"model": served.model_id, "results": results}
+        return {"model": served.model_id, "results": labelled(await batcher.submit(images),
+                                                              names)}
