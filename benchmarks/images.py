@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.machine import machine
-from benchmarks.tasks import markdown
+from benchmarks.tasks import interleave
 from peftlab.config import load_recipe, resolve_data_path
 from peftlab.models import resolve_model_path
 
-RESULTS = Path(__file__).parent / "results"
 STRATEGIES = {"full": [], "head": [], "freeze": ["strategy.freeze_layers=2"], "gradual": [],
               "lora": ["strategy.lora_r=16", "strategy.lora_alpha=16"],
               "dora": ["strategy.lora_r=16", "strategy.lora_alpha=16"]}
@@ -105,24 +103,8 @@ def main() -> None:
     parser.add_argument("--tag", default="images_mnist_cpu")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     args = parser.parse_args()
-    configs = args.configs.split(",")
-    records = []
-    for round_index in range(args.rounds):
-        shift = round_index % len(configs)
-        for config in configs[shift:] + configs[:shift]:
-            side, kind = config.split("_", 1)
-            out = Path("runs/bench") / args.tag / f"r{round_index}_{config}"
-            record = (run_peftlab if side == "peftlab" else run_trainer)(args, kind, out)
-            records.append({"config": config, "round": round_index} | record)
-            print(json.dumps(records[-1]), flush=True)
-            RESULTS.mkdir(exist_ok=True)  # written after every job: a long run keeps its part
-            (RESULTS / f"{args.tag}.json").write_text(json.dumps(
-                {"command": " ".join(["python benchmarks/images.py", *sys.argv[1:]]),
-                 "machine": machine(), "records": records}, indent=2))
-    table = markdown(records, "images")
-    (RESULTS / f"{args.tag}.md").write_text(table + "\n")
-    print(table)
-
+    args.task = "images"  # the table's columns (benchmarks/tasks.py SCORES)
+    interleave(args, "images.py", run_peftlab, run_trainer, {})
 
 if __name__ == "__main__":
     main()

@@ -159,8 +159,14 @@ def main() -> None:
     parser.add_argument("--tag", help="default: tasks_<task>_cpu")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     args = parser.parse_args()
-    configs = args.configs.split(",")
     args.tag = args.tag or f"tasks_{args.task}_cpu"
+    interleave(args, "tasks.py", run_peftlab, run_trainer, {"precision": args.precision})
+
+
+def interleave(args, script: str, run_peftlab, run_trainer, fields: dict) -> None:
+    """Every config of args.configs once per round, rotated; results/<tag>.json is written
+    after every job (a long run keeps its part), the markdown table at the end."""
+    configs = args.configs.split(",")
     records = []
     for round_index in range(args.rounds):
         shift = round_index % len(configs)
@@ -168,12 +174,11 @@ def main() -> None:
             side, kind = config.split("_", 1)
             out = Path("runs/bench") / args.tag / f"r{round_index}_{config}"
             record = (run_peftlab if side == "peftlab" else run_trainer)(args, kind, out)
-            records.append({"config": config, "round": round_index,
-                            "precision": args.precision} | record)
+            records.append({"config": config, "round": round_index} | fields | record)
             print(json.dumps(records[-1]), flush=True)
-            RESULTS.mkdir(exist_ok=True)  # written after every job: a long run keeps its part
+            RESULTS.mkdir(exist_ok=True)
             (RESULTS / f"{args.tag}.json").write_text(json.dumps(
-                {"command": " ".join(["python benchmarks/tasks.py", *sys.argv[1:]]),
+                {"command": " ".join([f"python benchmarks/{script}", *sys.argv[1:]]),
                  "machine": machine(), "records": records}, indent=2))
     table = markdown(records, args.task)
     (RESULTS / f"{args.tag}.md").write_text(table + "\n")

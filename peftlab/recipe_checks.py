@@ -32,7 +32,8 @@ MINIMUMS = {"model.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "train.eval_every_steps": 0,
             "train.early_stopping_patience": 0, "train.max_grad_norm": 0,
             "train.warmup_ratio": 0, "data.max_train_samples": 0, "data.max_eval_samples": 0,
-            "data.doc_stride": 0, "data.workers": 0, "data.augment_rotation": 0, "eval.max_answer_length": 1, "eval.n_best": 1}
+            "data.doc_stride": 0, "data.workers": 0, "data.augment_rotation": 0,
+            "eval.max_answer_length": 1, "eval.n_best": 1}
 
 
 def validate(recipe: Recipe) -> None:

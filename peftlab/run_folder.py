@@ -23,7 +23,7 @@ from peftlab.errors import PeftlabError
 RECIPE_FILE = "recipe.yaml"
 # what a run writes at its top level; anything else in a folder means it is not only a run
 RUN_ENTRIES = {RECIPE_FILE, "peftlab.json", "metrics.json", "summary.json", "adapter", "model",
-               "logs", CHECKPOINTS, "samples.jsonl"}
+               "base", "logs", CHECKPOINTS, "samples.jsonl"}  # base: a from-config adapter's
 MERGE_MARKER = "peftlab_merge.json"
 CONVERT_MARKER = "peftlab_convert.json"
 

@@ -130,8 +130,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
                         if isinstance(module, nn.Conv2d) and name.split(".")[0] not in heads})
     if not names:
         raise PeftlabError(f"{type(model).__name__}: no linear or convolution layers for "
-                           f"LoRA; set "
-                           f"strategy.target_modules")
+                           f"LoRA; set strategy.target_modules")
     return names
 
 

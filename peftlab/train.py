@@ -83,7 +83,6 @@ def _groups_open(report: StrategyReport, recipe: Recipe, step: int, epoch: int) 
     return min(1 + (step // every if every else epoch), len(report.groups))
 
 
-
 def batch_extent(batch: dict) -> tuple[int, int, torch.Tensor | int]:
     """(examples, padded tokens, real tokens) of a batch; a batch without tokens (images)
     counts one per example."""
@@ -93,6 +92,7 @@ def batch_extent(batch: dict) -> tuple[int, int, torch.Tensor | int]:
         return rows, rows, rows
     real = batch["attention_mask"].sum() if "attention_mask" in batch else ids.numel()
     return ids.shape[0], ids.numel(), real
+
 
 def run(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False,
         resume: str | None = None) -> dict:

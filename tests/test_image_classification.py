@@ -320,6 +320,10 @@ def test_a_model_trained_from_its_config_reloads_with_its_own_base(tmp_path, ima
     trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
     again = json.loads((tmp_path / "eval.json").read_text())
     assert again["test"]["loss"] == pytest.approx(trained["test"]["loss"], abs=1e-5)
+    # base/ is the run's own: --overwrite replaces such a run like any other
+    run(recipe, output_dir=str(tmp_path / "run"), overwrite=True)
+    reset_accelerate_state()
+    assert (tmp_path / "run" / "base" / "config.json").is_file()
 
 
 def test_serve_takes_uploads_and_base64_and_refuses_what_is_not_an_image(

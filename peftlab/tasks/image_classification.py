@@ -121,7 +121,8 @@ def prepare(recipe: Recipe, say) -> Task:
     _check_quantizable(model, recipe)
     report = apply_strategy(model, recipe)
     say(f"strategy {recipe.strategy.kind}: {report.describe()}")
-    loaders = _loaders(data.splits, processor, image_mode(model.config), recipe, True)
+    mode = image_mode(model.config)  # RGB or L: kept in peftlab.json for eval and predict
+    loaders = _loaders(data.splits, processor, mode, recipe, True)
 
     def evaluate(model, loader, accelerator, final=False):
         hub = recipe.eval.hub_metrics if final else []
@@ -138,7 +139,7 @@ def prepare(recipe: Recipe, say) -> Task:
             base = "base"  # inside the run folder
         write_info(run_dir, {"artifact": folder.name, "task": "image_classification",
                              "label_names": data.label_names, "base_model": base,
-                             "precision": precision})
+                             "image_mode": mode, "precision": precision})
 
     return Task(report=report, loaders=loaders, batch_loss=summed_cross_entropy,
                 count_items=count_examples, evaluate=evaluate, save=save,
@@ -206,7 +207,7 @@ def predict(args, run_dir: Path, info: dict) -> None:
         print(f"{names[label]}\t{prob:.4f}\t{path}")
     if args.file:
         import pandas as pd
-        rows = read_images(args.file, _unlabelled(recipe, args.file), f"--file {args.file}")
+        rows = read_images(args.file, recipe, f"--file {args.file}", labelled=False)
         refs = _checked(rows["image"])
         predictions = predict_images(model, processor, refs, info["precision"])
         table = pd.DataFrame({recipe.data.image_column: refs,
@@ -214,20 +215,6 @@ def predict(args, run_dir: Path, info: dict) -> None:
                               "probability": [round(prob, 6) for _, prob in predictions]})
         table.to_csv(args.output, index=False)
         print(f"wrote {len(table)} predictions to {args.output}")
-
-
-def _unlabelled(recipe: Recipe, path: str) -> Recipe:
-    """A copy of the recipe that reads `path` even without a label column."""
-    import datasets
-
-    from peftlab.sources import read_source
-    recipe = copy.deepcopy(recipe)
-    if Path(path).is_file():
-        table = read_source(path, "auto", recipe.data.image_column, recipe.data.label_column)
-        if isinstance(table, datasets.Dataset) and recipe.data.label_column not in \
-                table.column_names:
-            recipe.data.label_column = recipe.data.image_column
-    return recipe
 
 
 def eval_loaders(recipe: Recipe, processor, info: dict, data_file: str | None):
@@ -244,18 +231,8 @@ def eval_loaders(recipe: Recipe, processor, info: dict, data_file: str | None):
             raise PeftlabError(f"the recipe's data now has labels {data.label_names}, the "
                                f"run was trained on {names}")
         splits = data.splits
-    from transformers import AutoConfig
-    mode = image_mode(AutoConfig.from_pretrained(str(processor_folder(recipe, info))))
-    loaders = _loaders(splits, processor, mode, recipe, False)
+    loaders = _loaders(splits, processor, info["image_mode"], recipe, False)
     return loaders, lambda model, loader, acc: evaluate_split(model, loader, acc, names)
-
-
-def processor_folder(recipe: Recipe, info: dict) -> Path:
-    """Where the run's config lives (the full model, or the adapter's base)."""
-    run_dir = Path(recipe.source).parent
-    if info["artifact"] == "model":
-        return run_dir / "model"
-    return run_dir / "base" if info["base_model"] == "base" else Path(base_path(recipe, info))
 
 
 def serve_routes(app, served, auth) -> None:

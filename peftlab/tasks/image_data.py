@@ -135,20 +135,23 @@ def _image_values(dataset: datasets.Dataset, column: str, base: Path) -> list:
             else v for v in values]
 
 
-def _read_table(path: str, recipe: Recipe, where: str) -> dict:
+def _read_table(path: str, recipe: Recipe, where: str, labelled: bool) -> dict:
+    """A table's images and labels; `labelled=False` (predict) reads labels only if there."""
     source = read_source(path, recipe.data.format, recipe.data.image_column,
                          recipe.data.label_column)
     if isinstance(source, datasets.DatasetDict):
         source = pick_split(source, "train", path) or next(iter(source.values()))
     data = recipe.data
-    for column, key in ((data.image_column, "image_column"), (data.label_column,
-                                                                "label_column")):
+    needed = ((data.image_column, "image_column"),) + (
+        ((data.label_column, "label_column"),) if labelled else ())
+    for column, key in needed:
         if column not in source.column_names:
             raise PeftlabError(f"{where}: no column '{column}' (columns: "
                                f"{', '.join(source.column_names)}); map it with data.{key}")
     base = Path(path).parent if Path(path).is_file() else Path(path)
-    return {"image": _image_values(source, data.image_column, base),
-            "label": list(source[data.label_column])}
+    labels = list(source[data.label_column]) if data.label_column in source.column_names \
+        else [None] * len(source)
+    return {"image": _image_values(source, data.image_column, base), "label": labels}
 
 
 def _is_image_folder(path: Path) -> bool:
@@ -156,8 +159,8 @@ def _is_image_folder(path: Path) -> bool:
         "dataset_dict.json", "dataset_info.json", "state.json"))
 
 
-def read_images(path: str, recipe: Recipe, where: str) -> dict:
-    """One source's {image: references, label: raw labels}."""
+def read_images(path: str, recipe: Recipe, where: str, labelled: bool = True) -> dict:
+    """One source's {image: references, label: raw labels (None where unlabelled)}."""
     target = Path(path)
     if not target.exists():
         raise PeftlabError(f"{where}: not found (relative paths resolve against $PEFTLAB_DATA "
@@ -166,7 +169,7 @@ def read_images(path: str, recipe: Recipe, where: str) -> dict:
         return _read_idx_split(*pair)
     if recipe.data.format in ("auto", "imagefolder") and _is_image_folder(target):
         return _read_image_folder(target)
-    return _read_table(path, recipe, where)
+    return _read_table(path, recipe, where, labelled)
 
 
 def clean_images(columns: dict, recipe: Recipe, where: str) -> tuple[dict, dict]:
