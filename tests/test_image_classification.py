@@ -281,6 +281,13 @@ def test_predict_eval_and_plain_peft_in_fresh_processes_match_the_trained_model(
     for (label, prob, path), row in zip(lines, expected):
         assert path in images and label == names[int(np.argmax(row))]
         assert float(prob) == pytest.approx(max(row), abs=1e-4)
+    table = tmp_path / "unlabelled.csv"  # --file needs no label column
+    table.write_text("image\n" + "".join(f"{path}\n" for path in images))
+    done = cli("predict", str(run_dir), "--file", str(table), "--output",
+               str(tmp_path / "out.csv"))
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / "out.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in written] == [label for label, _, _ in lines]
     done = cli("eval", str(run_dir), "--json", str(tmp_path / "eval.json"))
     assert done.returncode == 0, done.stderr
     again = json.loads((tmp_path / "eval.json").read_text())
