@@ -28,15 +28,27 @@ from benchmarks.tasks import interleave
 from peftlab.config import load_recipe, resolve_data_path
 from peftlab.models import resolve_model_path
 
-STRATEGIES = {"full": [], "head": [], "freeze": ["strategy.freeze_layers=2"], "gradual": [],
-              "lora": ["strategy.lora_r=16", "strategy.lora_alpha=16"],
-              "dora": ["strategy.lora_r=16", "strategy.lora_alpha=16"]}
+# peftlab configs: a strategy, or a strategy and a variant ("full-workers0": decoding and
+# augmentation in the training process instead of in two DataLoader workers).
+CONFIGS = {"full": ["strategy.kind=full"], "head": ["strategy.kind=head"],
+           "freeze": ["strategy.kind=freeze", "strategy.freeze_layers=2"],
+           "gradual": ["strategy.kind=gradual"],
+           "lora": ["strategy.kind=lora", "strategy.lora_r=16", "strategy.lora_alpha=16"],
+           "dora": ["strategy.kind=dora", "strategy.lora_r=16", "strategy.lora_alpha=16"],
+           "full-workers0": ["strategy.kind=full", "data.workers=0"]}
 COMMON = ["train.keep_checkpoints=0", "train.report_to=[none]",
           "train.eval_every_steps=1000000"]  # one evaluation, after training
 
 
 def run_peftlab(args, kind: str, out: Path) -> dict:
-    extra = [*COMMON, f"strategy.kind={kind}", *STRATEGIES[kind], *args.set]
+    extra = [*COMMON, *CONFIGS[kind], *args.set]
+    strategy = next(o.split("=", 1)[1] for o in CONFIGS[kind] if o.startswith("strategy.kind="))
+    out.mkdir(parents=True, exist_ok=True)
+    # the planner's peak, blind: before the run, in a process of its own as a user runs it
+    subprocess.run([sys.executable, "-m", "peftlab", "plan", args.recipe, *extra,
+                    "--strategies", strategy, "--json", str(out.parent / f"{out.name}.plan.json")],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    planned = json.loads((out.parent / f"{out.name}.plan.json").read_text())[0]["total"]
     tick = time.perf_counter()
     subprocess.run([sys.executable, "-m", "peftlab", "train", args.recipe, *extra,
                     "--output-dir", str(out), "--overwrite"], check=True,
@@ -46,7 +58,8 @@ def run_peftlab(args, kind: str, out: Path) -> dict:
     test = json.loads((out / "metrics.json").read_text())["test"]
     return {"wall_seconds": round(wall, 2),
             "train_seconds": round(summary["train_seconds"] - summary["eval_seconds"], 2),
-            "peak_memory_mb": summary["peak_memory_mb"], "steps": summary["steps"],
+            "peak_memory_mb": summary["peak_memory_mb"],
+            "predicted_peak_mb": round(planned / 2**20, 1), "steps": summary["steps"],
             "trainable_params": summary["trainable_params"],
             "test": {"accuracy": test["accuracy"]},
             "command": " ".join(["peftlab train", args.recipe, *extra])}
@@ -99,7 +112,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/resnet_mnist_full.yaml")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--configs", default=",".join(
-        [f"peftlab_{kind}" for kind in STRATEGIES] + ["trainer_full"]))
+        [f"peftlab_{kind}" for kind in CONFIGS] + ["trainer_full"]))
     parser.add_argument("--tag", default="images_mnist_cpu")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     args = parser.parse_args()

@@ -7,11 +7,13 @@ data and another architecture, then each run is measured in its own process:
 - TREC (6 classes, short questions), MiniLM LoRA;
 - stories260K (a Llama decoder from llama2.c) LoRA SFT on alpaca_demo;
 - SST-2 `freeze` (4 of 6 layers) and `head` with train.cache_frozen: true, whose cached
-  features (one vector per token, or per example) live in memory for the whole run.
+  features (one vector per token, or per example) live in memory for the whole run;
+- MNIST with the small ViT and ResNet recipes at large batches (the census's jobs).
 Each in fp32 and bf16 (bf16 emulated, slower but the same memory, on a CPU without it).
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/planner_error.py [--steps 100]
        [--jobs agnews_lora,agnews_full,trec_lora,stories_lora,freeze_cached,head_cached]
+       (--jobs images: the five image jobs, vit_full_b256 ... resnet_dora_b512)
        [--precisions no,bf16] [--tag planner_error_cpu]
 Writes benchmarks/results/<tag>.json and .md.
 """
@@ -44,7 +46,18 @@ JOBS = {
     "freeze_cached": ("recipes/minilm_sst2_freeze.yaml", ["strategy.freeze_layers=4",
                                                            "train.cache_frozen=true"]),
     "head_cached": ("recipes/minilm_sst2_head.yaml", ["train.cache_frozen=true"]),
+    # image classifiers, sized by the census (peftlab/census.py) at batches where the
+    # activations are a large part of the peak
+    "vit_full_b256": ("recipes/vit_mnist_full.yaml", ["train.batch_size=256"]),
+    "vit_lora_b256": ("recipes/vit_mnist_full.yaml", ["train.batch_size=256",
+                                                      "strategy.kind=lora"]),
+    "vit_head_b256": ("recipes/vit_mnist_full.yaml", ["train.batch_size=256",
+                                                      "strategy.kind=head"]),
+    "resnet_full_b1024": ("recipes/resnet_mnist_full.yaml", ["train.batch_size=1024"]),
+    "resnet_dora_b512": ("recipes/resnet_mnist_full.yaml", ["train.batch_size=512",
+                                                            "strategy.kind=dora"]),
 }
+IMAGE_JOBS = [name for name in JOBS if name.startswith(("vit_", "resnet_"))]
 COMMON = ["train.keep_checkpoints=0", "train.report_to=[none]"]
 
 
@@ -74,12 +87,14 @@ def run_job(name: str, precision: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--jobs", default=",".join(JOBS))
+    parser.add_argument("--jobs", default=",".join(n for n in JOBS if n not in IMAGE_JOBS),
+                        help="comma list; 'images' names every image job")
     parser.add_argument("--precisions", default="no,bf16")
     parser.add_argument("--tag", default="planner_error_cpu")
     args = parser.parse_args()
     records = []
-    for name in args.jobs.split(","):
+    jobs = IMAGE_JOBS if args.jobs == "images" else args.jobs.split(",")
+    for name in jobs:
         for precision in args.precisions.split(","):
             records.append(run_job(name, precision, args))
             print(json.dumps(records[-1]), flush=True)

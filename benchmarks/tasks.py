@@ -127,9 +127,10 @@ def run_trainer(args, kind: str, out: Path) -> dict:
 
 def markdown(records: list[dict], task: str) -> str:
     scores = SCORES[task]
+    planned = any("predicted_peak_mb" in record for record in records)
     lines = ["| config | " + " | ".join(f"test {k}" for k in scores) +
-             " | train | wall | peak RSS | trainable |",
-             "|---|" + "---|" * (len(scores) + 4)]
+             " | train | wall | peak RSS |" + (" planned (blind) |" if planned else "") +
+             " trainable |", "|---|" + "---|" * (len(scores) + 4 + planned)]
     groups: dict[str, list] = {}
     for record in records:
         groups.setdefault(record["config"], []).append(record)
@@ -144,8 +145,10 @@ def markdown(records: list[dict], task: str) -> str:
         lines.append(f"| {config} | " + " | ".join(cells) +
                      f" | {cell(lambda r: r['train_seconds'], '.0f')} s | "
                      f"{cell(lambda r: r['wall_seconds'], '.0f')} s | "
-                     f"{cell(lambda r: r['peak_memory_mb'], ',.0f')} MB | "
-                     f"{rows[0]['trainable_params']:,} |")
+                     f"{cell(lambda r: r['peak_memory_mb'], ',.0f')} MB | " +
+                     (("- | " if "predicted_peak_mb" not in rows[0] else
+                       f"{cell(lambda r: r['predicted_peak_mb'], ',.0f')} MB | ")
+                      if planned else "") + f"{rows[0]['trainable_params']:,} |")
     return "\n".join(lines)
 
 

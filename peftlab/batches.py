@@ -21,13 +21,19 @@ IGNORE = -100  # a label the loss and the item count skip
 class EpochSeededSampler(Sampler):
     """Epoch e's order depends only on (seed, e), never on how many epochs this process has
     already iterated, so a run resumed mid-way sees the same batches as an unbroken one.
-    The training loop (and Accelerate's DataLoaderShard) call set_epoch before each pass."""
+    The training loop (and Accelerate's DataLoaderShard) call set_epoch before each pass;
+    a `follower` (a dataset whose items depend on the epoch) is told too, since Accelerate
+    reaches the sampler under every process layout but the dataset only under some."""
 
-    def __init__(self, inner: Sampler, generator: torch.Generator, seed: int):
+    def __init__(self, inner: Sampler, generator: torch.Generator, seed: int,
+                 follower=None):
         self.inner, self.generator, self.seed, self.epoch = inner, generator, seed, 0
+        self.follower = follower
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.follower is not None:
+            self.follower.set_epoch(epoch)
 
     def __iter__(self):
         self.generator.manual_seed(self.seed + self.epoch)

@@ -105,17 +105,35 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
                                    f"recipe ({saved_path})")
 
 
+def running_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that training moves: batch norms' running mean, variance and count. They are
+    not parameters, and they move even in frozen layers, yet a model resumed or restored
+    without them is another model (a ResNet's evaluation loss changed: a test caught it)."""
+    return {f"{prefix}.{name}" if prefix else name: buffer
+            for prefix, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase)
+            and module.track_running_stats
+            for name, buffer in module.named_buffers(recurse=False) if buffer is not None}
+
+
+def changing_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a step can change: the weights that train now, and the running statistics."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad} | \
+        running_statistics(model)
+
+
 def keep_trainable_only(accelerator, model: torch.nn.Module) -> None:
     """Checkpoints hold only the weights that can change: what trains at that moment (the
     adapter and head of a PEFT run, the head of a head-only run, the open groups of gradual
-    unfreezing, everything for full fine-tuning). A LoRA or head checkpoint of a 7B model is
+    unfreezing, everything for full fine-tuning), with the batch norms' running statistics,
+    which move whatever trains. A LoRA or head checkpoint of a 7B model is
     megabytes, and a frozen or 4-bit base is never re-serialised: on resume it comes from the
     base model as it did at the start. FSDP and DeepSpeed keep their own sharded format."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return
 
     def save_hook(models, weights, output_dir):
-        weights[0] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        weights[0] = {n: t.detach() for n, t in changing_tensors(model).items()}
 
     def load_hook(models, input_dir):
         models.pop(0)  # loaded here instead of by accelerate, which expects every weight
@@ -137,8 +155,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     that trains now must be there (gradual unfreezing may have saved more, its groups opened
     later), and nothing the model lacks or of another shape."""
     state = read_weights(path)
-    params = dict(model.named_parameters())
-    required = {n for n, p in params.items() if p.requires_grad}
+    params = dict(model.named_parameters()) | running_statistics(model)
+    required = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(required - state.keys()), sorted(state.keys() - params.keys())
     if missing or unexpected:
         example = (missing or unexpected)[0]

@@ -52,6 +52,7 @@ def cmd_plan(args) -> int:
         overhead_bytes,
         parse_size,
         plan,
+        planned_inputs,
         recommend,
     )
     from peftlab.model_shape import shape_of
@@ -65,12 +66,12 @@ def cmd_plan(args) -> int:
                            f"{', '.join(PLAN_KINDS)}")
     budget = parse_size(args.budget) if args.budget else None
     shape = shape_of(recipe)
-    overhead = overhead_bytes(recipe, device)
+    overhead = overhead_bytes(recipe, device, shape)
     cache = frozen_cache_terms(recipe, shape, set(kinds) | {recipe.strategy.kind, "head"},
                                device)
     estimates = plan(recipe, device, kinds, shape=shape, overhead=overhead, cache=cache)
     print(f"peak memory on {device}: micro-batch {recipe.train.batch_size} x "
-          f"{recipe.model.max_length} tokens, checkpointing "
+          f"{planned_inputs(recipe, shape)}, checkpointing "
           f"{'on' if recipe.train.gradient_checkpointing else 'off'}, "
           f"optimizer {recipe.train.optimizer}, {shape.total:,} parameters")
     print(format_plan(estimates, budget))

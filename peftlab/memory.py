@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peftlab.census import Census, census_estimate
 from peftlab.config import Recipe
 from peftlab.model_shape import ModelShape, lora_params, shape_of
 from peftlab.quantization import FROZEN_BASE_KINDS, quantization_kind
@@ -186,9 +187,12 @@ def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: in
     return layer + logits + (trainable * FP32 if device == "cpu" else 0)
 
 
-def estimate(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
+def estimate(shape: ModelShape | Census, recipe: Recipe, kind: str, micro_batch: int,
              checkpointing: bool, overhead: float, device: str = "cpu",
              cache: float = 0.0) -> Estimate:
+    if isinstance(shape, Census):  # counted on the meta device, not modelled
+        return census_estimate(shape, recipe, kind, micro_batch, checkpointing, overhead,
+                               device)
     trainable = trainable_params(shape, recipe, kind)
     return Estimate(kind=kind, micro_batch=micro_batch, checkpointing=checkpointing,
                     weights=weight_bytes(shape, recipe, kind, element_bytes(recipe, device)),
@@ -240,10 +244,14 @@ def runtime_overhead_bytes() -> float:
     return 0.0
 
 
-def overhead_bytes(recipe: Recipe, device: str) -> float:
-    """CPU: the Python stack and the data in memory (both count in RSS); GPU: nothing, since
-    peak allocated memory counts only tensors."""
-    return runtime_overhead_bytes() + data_bytes(recipe) if device == "cpu" else 0.0
+def overhead_bytes(recipe: Recipe, device: str, shape=None) -> float:
+    """CPU: the Python stack and the data in memory (both count in RSS; a census knows its
+    task's data, else the text rule); GPU: nothing, since peak allocated memory counts only
+    tensors."""
+    if device != "cpu":
+        return 0.0
+    data = shape.spec.data_bytes if isinstance(shape, Census) else data_bytes(recipe)
+    return runtime_overhead_bytes() + data
 
 
 def element_bytes(recipe: Recipe, device: str) -> int:
@@ -262,8 +270,8 @@ def frozen_cache_terms(recipe: Recipe, shape: ModelShape, kinds, device: str) ->
 
     from peftlab.config import resolve_data_path
     train = Path(resolve_data_path(recipe.data.train, recipe)) if recipe.data.train else None
-    if train is None or not train.exists():
-        return {}
+    if train is None or not train.exists() or isinstance(shape, Census):
+        return {}  # a census's tasks keep no frozen cache
     precision = "no" if element_bytes(recipe, device) == FP32 else "bf16"
     task = task_module(recipe.model.task)
     return {kind: task.frozen_cache_bytes(recipe, kind, shape.hidden, precision)
@@ -275,12 +283,23 @@ def plan(recipe: Recipe, device: str, kinds=PLAN_KINDS, shape: ModelShape | None
     """One estimate per strategy at the recipe's micro-batch and checkpointing setting."""
     shape = shape or shape_of(recipe)
     if overhead is None:
-        overhead = overhead_bytes(recipe, device)
+        overhead = overhead_bytes(recipe, device, shape)
     if cache is None:
         cache = frozen_cache_terms(recipe, shape, kinds, device)
     return [estimate(shape, recipe, kind, recipe.train.batch_size,
                      recipe.train.gradient_checkpointing, overhead, device,
-                     cache.get(kind, 0.0)) for kind in kinds]
+                     cache.get(kind, 0.0)) for kind in kinds if plannable(shape, kind)]
+
+
+def planned_inputs(recipe: Recipe, shape: ModelShape | Census) -> str:
+    """What one example is, for the plan's header: its tokens, or the census's inputs."""
+    return shape.spec.describe if isinstance(shape, Census) else \
+        f"{recipe.model.max_length} tokens"
+
+
+def plannable(shape: ModelShape | Census, kind: str) -> bool:
+    """qlora needs linear layers to quantize (a ResNet has none); everything else plans."""
+    return shape.plannable(kind) if isinstance(shape, Census) else True
 
 
 def recommend(recipe: Recipe, shape: ModelShape, budget: float, overhead: float,
@@ -290,7 +309,7 @@ def recommend(recipe: Recipe, shape: ModelShape, budget: float, overhead: float,
     that does: the largest micro-batch without checkpointing, then with it."""
     kinds = [recipe.strategy.kind] + [k for k in order if k != recipe.strategy.kind]
     for kind in kinds:
-        if kind not in PLAN_KINDS:
+        if kind not in PLAN_KINDS or not plannable(shape, kind):
             continue
         for checkpointing in (False, True):
             micro = recipe.train.batch_size
@@ -318,7 +337,7 @@ def free_memory_bytes(device: str) -> float:
 def fit_micro_batch(recipe: Recipe, device: str, budget: float | None = None) -> int:
     """The largest micro-batch, halving from the recipe's, whose estimate fits the budget."""
     shape = shape_of(recipe)
-    overhead = overhead_bytes(recipe, device)
+    overhead = overhead_bytes(recipe, device, shape)
     budget = free_memory_bytes(device) if budget is None else budget
     kind, micro = recipe.strategy.kind, recipe.train.batch_size
     while micro > 1 and estimate(shape, recipe, kind, micro, recipe.train.gradient_checkpointing,

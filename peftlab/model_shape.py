@@ -50,13 +50,18 @@ def load_config(recipe: Recipe):
     return AutoConfig.from_pretrained(resolve_model_path(recipe.model.name, recipe), **hub_kwargs(recipe))
 
 
-def shape_of(recipe: Recipe, config=None) -> ModelShape:
+def shape_of(recipe: Recipe, config=None):
     """Count parameters on a meta-device model built from the recipe's model config (a
-    classifier head sized by data.label_names, or 2 labels when they come from the data)."""
+    classifier head sized by data.label_names, or 2 labels when they come from the data).
+    A task that sizes its model by a census of saved tensors gets a census.Census instead."""
+    from peftlab.census import census_of
     from peftlab.strategies import default_target_modules, embedding_params, head_names, layer_stack
     from peftlab.tasks import task_module
     config = config or load_config(recipe)
     task = task_module(recipe.model.task)
+    spec = task.plan_census(config, recipe)
+    if spec is not None:
+        return census_of(recipe, config, spec)
     model = task.meta_model(config, recipe)
     hidden = _first(config, "hidden_size", "n_embd", "d_model")
     heads = _first(config, "num_attention_heads", "n_head")

@@ -78,6 +78,12 @@ class TaskModule(Protocol):
     def meta_model(self, config, recipe) -> nn.Module:
         """The model class this task trains, built on the meta device from `config`."""
 
+    def plan_census(self, config, recipe):
+        """Planner: a census.CensusSpec (meta inputs, loss, data bytes) where the model is
+        sized by counting its saved tensors on the meta device (images: patches and feature
+        maps); None where the closed-form transformer terms below apply."""
+
+    # the closed-form terms (tasks whose plan_census returns None):
     def output_bytes(self, recipe, tokens: int, vocab: int, training: bool) -> float:
         """Planner: bytes of the task's outputs over `tokens` tokens (a causal LM's logits
         over the vocabulary; small for classifiers)."""

@@ -26,10 +26,12 @@ from peftlab import trackers
 from peftlab.batches import pad_for_processes
 from peftlab.checkpoints import (
     LoopState,
+    changing_tensors,
     check_resumable,
     find_checkpoint,
     keep_trainable_only,
     load_checkpoint,
+    running_statistics,
     save_checkpoint,
 )
 from peftlab.config import Recipe, read_yaml
@@ -63,18 +65,20 @@ from peftlab.tasks import task_module
 
 
 def _trainable_snapshot(model, known: dict | None = None) -> dict[str, torch.Tensor]:
-    """A copy of what can change: the weights that train now. A 7B head-only run copies its
-    head, not 7B weights. `known` entries are kept, not copied again (see _unfreeze)."""
+    """A copy of what can change: the weights that train now and the batch norms' running
+    statistics. A 7B head-only run copies its head, not 7B weights. `known` entries are
+    kept, not copied again (see _unfreeze)."""
     known = known or {}
-    return known | {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                    if p.requires_grad and n not in known}
+    return known | {n: t.detach().to("cpu", copy=True)
+                    for n, t in changing_tensors(model).items() if n not in known}
 
 
 def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
+    targets = dict(model.named_parameters()) | running_statistics(model)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, tensor in targets.items():
             if name in snapshot:
-                param.copy_(snapshot[name].to(param.device))
+                tensor.copy_(snapshot[name].to(tensor.device))
 
 
 def _groups_open(report: StrategyReport, recipe: Recipe, step: int, epoch: int) -> int:

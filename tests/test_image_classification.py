@@ -186,15 +186,56 @@ def test_augmentation_changes_training_images_only(tmp_path, image_folder, tiny_
     task = prepare(recipe, lambda _: None)
     processor = AutoImageProcessor.from_pretrained(tiny_vit)
     train = task.loaders["train"].dataset
-    torch.manual_seed(1)
-    first, second = train[0]["pixel_values"], train[0]["pixel_values"]
-    assert not torch.equal(first, second)  # a new crop, flip and angle per draw
+    first = train[0]["pixel_values"]
+    torch.manual_seed(1)  # the global RNG plays no part: (seed, epoch, index) decide
+    assert torch.equal(train[0]["pixel_values"], first)
+    train.set_epoch(1)
+    assert not torch.equal(train[0]["pixel_values"], first)  # a new crop, flip and angle
     for split in ("validation", "test"):
         rows = task.loaders[split].dataset
         plain = processor(images=open_image(rows.images[0], "RGB"),
                           return_tensors="pt")["pixel_values"][0]
         assert torch.equal(rows[0]["pixel_values"], plain), split
         assert rows.transform.augment is None
+
+
+def test_augmented_training_is_the_same_with_any_number_of_workers(tmp_path, image_folder,
+                                                                   tiny_resnet):
+    """Each augmented image draws from (seed, epoch, index), not from the stream of the
+    worker that happened to decode it: 0 and 2 workers train bit-identical models."""
+    from safetensors.torch import load_file
+
+    from peftlab.train import run
+    weights = []
+    for workers in (0, 2):
+        folder = tmp_path / f"workers{workers}"
+        folder.mkdir()
+        recipe = image_recipe(folder, tiny_resnet, image_folder, "strategy.kind=full",
+                              "train.epochs=2", f"data.workers={workers}",
+                              augment_crop_scale=[0.5, 1.0], augment_flip=True,
+                              augment_rotation=10)
+        run(recipe, output_dir=str(folder / "run"))
+        reset_accelerate_state()
+        weights.append(load_file(folder / "run" / "model" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][key].equal(weights[1][key]) for key in weights[0])
+
+
+def test_the_best_model_restored_keeps_its_batch_norm_statistics(tmp_path, image_folder,
+                                                                  tiny_resnet):
+    """Restoring the best evaluation's weights restores the running statistics it was
+    scored with: metrics.json's validation is the history's best, not a mix of its weights
+    and the last step's statistics."""
+    from peftlab.train import run
+    recipe = image_recipe(tmp_path, tiny_resnet, image_folder, "strategy.kind=full",
+                          "train.lr=0.05", "train.eval_every_steps=1",
+                          "train.metric_for_best=loss", "train.early_stopping_patience=2")
+    summary = run(recipe, output_dir=str(tmp_path / "run"))["summary"]
+    reset_accelerate_state()
+    assert summary["best_step"] < summary["steps"]  # early stopping: the best is not the last
+    best = next(e for e in summary["eval_history"] if e["step"] == summary["best_step"])
+    validation = json.loads((tmp_path / "run" / "metrics.json").read_text())["validation"]
+    assert validation["loss"] == pytest.approx(best["loss"], rel=1e-5)
 
 
 def trainable(recipe, model_dir: Path, kind: str, *extra) -> set[str]:

@@ -186,3 +186,31 @@ def test_resume_is_exact_for_supervised_fine_tuning(tmp_path, tiny_llama):
     summaries = [json.loads((run / "summary.json").read_text()) for run in (out, ref)]
     assert summaries[0]["eval_history"] == summaries[1]["eval_history"]
     assert summaries[0]["loss_history"] == summaries[1]["loss_history"]
+
+
+def test_resume_is_exact_for_augmented_images_decoded_in_workers(tmp_path):
+    """A ResNet (batch norm statistics), random crops, flips and rotations drawn in two
+    DataLoader workers, resumed mid-epoch: the skipped batches move every later batch to
+    another worker, and the run still ends with the unbroken run's exact weights."""
+    import numpy as np
+    from PIL import Image
+    from test_image_classification import save_vision_model, toy_image
+    rng = np.random.default_rng(0)
+    for label in ("bottom", "top"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(toy_image(rng, label)).save(tmp_path / "images" / label / f"{i}.png")
+    model = save_vision_model(tmp_path / "resnet", "resnet")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "model": {"name": str(model), "task": "image_classification"},
+        "data": {"train": str(tmp_path / "images"), "workers": 2, "augment_flip": True,
+                 "augment_crop_scale": [0.5, 1.0], "augment_rotation": 10},
+        "strategy": {"kind": "full"},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1e-2, "cpu": True,
+                  "mixed_precision": "no", "save_every_steps": 4, "keep_checkpoints": 10,
+                  "eval_every_steps": 5, "report_to": ["none"]}}))
+    ref, out = resume_from_middle(recipe, tmp_path, step=4)  # 6 steps per epoch
+    same_files(ref, out, "model/model.safetensors")
+    assert json.loads((out / "metrics.json").read_text()) == \
+        json.loads((ref / "metrics.json").read_text())

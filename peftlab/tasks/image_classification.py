@@ -241,16 +241,26 @@ def serve_routes(app, served, auth) -> None:
 
 
 def meta_model(config, recipe: Recipe) -> nn.Module:
-    """The planner's shapes are tokens x hidden per layer; patches and feature maps are not
-    modelled yet, so `peftlab plan` says so instead of printing a wrong number."""
-    raise PeftlabError(f"{recipe.source}: peftlab plan does not yet size image "
-                       f"classification (patches and feature maps); train with "
-                       f"train.auto_batch_size false and watch summary.json's peak memory")
+    """The classifier on the meta device, its head sized by data.label_names (else 2)."""
+    from transformers import AutoModelForImageClassification
+    config.num_labels = max(len(recipe.data.label_names or []), 2)
+    with torch.device("meta"):
+        return AutoModelForImageClassification.from_config(config)
 
 
-def output_bytes(recipe: Recipe, tokens: int, vocab: int, training: bool) -> float:
-    return 0.0  # one row of logits per image
+def plan_census(config, recipe: Recipe):
+    """Planner: images are sized by a census of the model's saved tensors (patches, feature
+    maps), over meta batches at the processor's output size; see census.py."""
+    from peftlab.census import CensusSpec
+    from peftlab.tasks.image_data import memory_bytes
+    from peftlab.tasks.image_loading import processor_size
+    height, width = processor_size(load_processor(
+        resolve_model_path(recipe.model.name, recipe), recipe))
+    channels = getattr(config, "num_channels", 3)
 
+    def batch(size: int) -> dict:
+        return {"pixel_values": torch.empty(size, channels, height, width, device="meta"),
+                "labels": torch.zeros(size, dtype=torch.long, device="meta")}
 
-def frozen_cache_bytes(recipe: Recipe, kind: str, hidden: int, precision: str) -> float:
-    return 0.0  # no frozen-feature cache for images (augmentation changes inputs)
+    return CensusSpec(batch=batch, loss=summed_cross_entropy, describe=f"{channels}x{height}x{width} images",
+                      data_bytes=memory_bytes(recipe))

@@ -243,3 +243,23 @@ def format_image_report(data: ImageData) -> str:
             lines.append(f"{split}: {info['rows']} images read, {info['used']} used"
                          + (f" (skipped: {dropped})" if dropped else ""))
     return "\n".join(lines)
+
+
+def memory_bytes(recipe: Recipe) -> float:
+    """Planner: what the read splits hold in the training process. IDX pixels are decoded
+    in memory (from the file's header: count x rows x cols); a `datasets` folder's Image
+    column embeds encoded bytes (its size on disk); file paths count as nothing, since the
+    workers decode each image on access."""
+    total = 0.0
+    for value in (recipe.data.train, recipe.data.validation, recipe.data.test):
+        path = Path(resolve_data_path(value, recipe)) if value else None
+        if path is None or not path.exists():
+            continue
+        if pair := _idx_pair(path):
+            opener = gzip.open if pair[0].suffix == ".gz" else open
+            with opener(pair[0], "rb") as handle:
+                _, count, rows, cols = struct.unpack(">IIII", handle.read(16))
+            total += count * rows * cols
+        elif path.is_dir() and not _is_image_folder(path):
+            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return total
