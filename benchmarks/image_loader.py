@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,8 +29,6 @@ from benchmarks.tasks import RESULTS
 
 def write_jpegs(count: int, folder: Path) -> list[str]:
     from PIL import Image
-
-    import os
 
     from peftlab.tasks.image_data import _idx_pair, read_idx
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,14 +26,13 @@ from torch.utils._pytree import tree_map
 
 from peftlab.config import Recipe
 
-FP32 = 4
+SMALL, BIG = 16, 32  # meta batches (free at any size); their difference is per example
 # what CPU and CUDA autocast run in bf16 (torch.amp's lower-precision lists, function level)
 LOWER_PRECISION = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
                    F.conv_transpose2d, F.conv_transpose3d, F.scaled_dot_product_attention,
                    F.prelu, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
                    torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm,
                    torch.Tensor.mm}
-SMALL, BIG = 16, 32  # meta batches (free at any size); their difference is per example
 FP32_OPS = {F.cross_entropy, F.nll_loss, F.mse_loss, F.binary_cross_entropy_with_logits}
 
 
@@ -132,18 +131,14 @@ def _cast(value, dtype):
 
 
 def census_of(recipe: Recipe, config, spec: CensusSpec) -> Census:
+    from peftlab.strategies import head_names
     from peftlab.tasks import task_module
     model = task_module(recipe.model.task).meta_model(config, recipe)
-    body = {id(m) for name in _head_names(model) for m in getattr(model, name).modules()}
+    head = {id(m) for name in head_names(model) for m in getattr(model, name).modules()}
     return Census(recipe=recipe, config=config, spec=spec,
                   total=sum(p.numel() for p in model.parameters()),
-                  body_linear=any(isinstance(m, nn.Linear) and id(m) not in body
+                  body_linear=any(isinstance(m, nn.Linear) and id(m) not in head
                                   for m in model.modules()))
-
-
-def _head_names(model: nn.Module) -> list[str]:
-    from peftlab.strategies import head_names
-    return head_names(model)
 
 
 def saved_bytes(model: nn.Module, spec: CensusSpec, size: int, cast: bool,
@@ -166,7 +161,8 @@ def saved_bytes(model: nn.Module, spec: CensusSpec, size: int, cast: bool,
 
 def count_kind(census: Census, kind: str, checkpointing: bool, element: int,
                device: str) -> KindCensus:
-    """Apply `kind` to a fresh meta model as a run would and count at 1 and 2 examples."""
+    """Apply `kind` to a fresh meta model as a run would and count at SMALL and BIG
+    examples."""
     from peftlab.quantization import FROZEN_BASE_KINDS
     from peftlab.strategies import apply_strategy
     from peftlab.tasks import task_module
@@ -192,7 +188,7 @@ def count_kind(census: Census, kind: str, checkpointing: bool, element: int,
 
 def _stored_bytes(model: nn.Module, kind: str, recipe: Recipe) -> float:
     """Weights as the run holds them; a 4/8-bit base quantizes its body's linear weights."""
-    from peftlab.memory import DOUBLE_QUANT_BYTES, QUANT_BYTES
+    from peftlab.memory import DOUBLE_QUANT_BYTES, FP32, QUANT_BYTES
     from peftlab.quantization import quantization_kind
     total = float(sum(p.numel() * p.element_size() for p in model.parameters()))
     quant = quantization_kind(recipe, kind)
@@ -210,7 +206,13 @@ def census_estimate(census: Census, recipe: Recipe, kind: str, micro_batch: int,
     """The planner's Estimate from counted terms: saved tensors plus a working set of two of
     the largest op outputs (an op's input and output in forward, their gradients in
     backward), with the CPU heap's calibrated slack; `gradual` ends with everything open."""
-    from peftlab.memory import OPTIMIZER_BYTES, SST2_FITTED_CPU_HEAP_SLACK, Estimate, element_bytes
+    from peftlab.memory import (
+        FP32,
+        OPTIMIZER_BYTES,
+        SST2_FITTED_CPU_HEAP_SLACK,
+        Estimate,
+        element_bytes,
+    )
     from peftlab.strategies import PEFT_KINDS
     counted = census.of("full" if kind == "gradual" else kind, checkpointing,
                         element_bytes(recipe, device), device)

@@ -116,6 +116,12 @@ def running_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for name, buffer in module.named_buffers(recurse=False) if buffer is not None}
 
 
+def restorable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every name a checkpoint or snapshot may hold: any parameter (a gradual run's may hold
+    groups this model has not opened yet) and the running statistics."""
+    return dict(model.named_parameters()) | running_statistics(model)
+
+
 def changing_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a step can change: the weights that train now, and the running statistics."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad} | \
@@ -155,7 +161,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     that trains now must be there (gradual unfreezing may have saved more, its groups opened
     later), and nothing the model lacks or of another shape."""
     state = read_weights(path)
-    params = dict(model.named_parameters()) | running_statistics(model)
+    params = restorable_tensors(model)
     required = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(required - state.keys()), sorted(state.keys() - params.keys())
     if missing or unexpected:

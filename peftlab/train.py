@@ -31,7 +31,7 @@ from peftlab.checkpoints import (
     find_checkpoint,
     keep_trainable_only,
     load_checkpoint,
-    running_statistics,
+    restorable_tensors,
     save_checkpoint,
 )
 from peftlab.config import Recipe, read_yaml
@@ -74,7 +74,7 @@ def _trainable_snapshot(model, known: dict | None = None) -> dict[str, torch.Ten
 
 
 def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
-    targets = dict(model.named_parameters()) | running_statistics(model)
+    targets = restorable_tensors(model)
     with torch.no_grad():
         for name, tensor in targets.items():
             if name in snapshot:

@@ -262,5 +262,6 @@ def plan_census(config, recipe: Recipe):
         return {"pixel_values": torch.empty(size, channels, height, width, device="meta"),
                 "labels": torch.zeros(size, dtype=torch.long, device="meta")}
 
-    return CensusSpec(batch=batch, loss=summed_cross_entropy, describe=f"{channels}x{height}x{width} images",
+    return CensusSpec(batch=batch, loss=summed_cross_entropy,
+                      describe=f"{channels}x{height}x{width} images",
                       data_bytes=memory_bytes(recipe))

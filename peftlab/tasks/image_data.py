@@ -68,11 +68,14 @@ def _name(ref) -> str:
     return ref if isinstance(ref, str) else "an embedded image"
 
 
+def _open_idx(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (gzipped or not) as an array: images (n, rows, cols) or labels (n,)."""
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as handle:
+        with _open_idx(path) as handle:
             raw = handle.read()
         magic, count = struct.unpack(">II", raw[:8])
         if magic == IDX_IMAGES:
@@ -256,8 +259,7 @@ def memory_bytes(recipe: Recipe) -> float:
         if path is None or not path.exists():
             continue
         if pair := _idx_pair(path):
-            opener = gzip.open if pair[0].suffix == ".gz" else open
-            with opener(pair[0], "rb") as handle:
+            with _open_idx(pair[0]) as handle:
                 _, count, rows, cols = struct.unpack(">IIII", handle.read(16))
             total += count * rows * cols
         elif path.is_dir() and not _is_image_folder(path):
