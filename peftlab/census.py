@@ -154,7 +154,10 @@ def saved_bytes(model: nn.Module, spec: CensusSpec, size: int, cast: bool,
         return tensor
 
     mode = MetaAutocast(cast, device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), mode:
+    # CPU autocast's state on, for code that asks which dtype autocast runs in (the fused
+    # LoRA layer); it casts nothing here, the meta tensors bypass it
+    state = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), mode, state:
         spec.loss(model, spec.batch(size))
     return float(sum(size for _, size in kept.values())), float(mode.largest)
 

@@ -1,12 +1,17 @@
 """A faster LoRA Linear for training: same parameters and file format as peft's, fewer passes.
 
-peft computes `base(x) + lora_B(lora_A(x)) * scaling`: the scaling multiplies and the sum adds
-over a full (tokens x out_features) tensor, forward and backward, for every adapted layer. On
-MiniLM that made LoRA r=16 barely cheaper per step than full fine-tuning although it skips all
-weight gradients. Here the scaling goes on the thin (tokens x r) tensor and the sum is fused
-into the GEMM (`addmm` accumulates into the base output), which removes both passes. The
-layer is registered through peft's custom-module hook, so adapters still save and load as
-plain peft LoRA (`PeftModel.from_pretrained` needs nothing from peftlab).
+peft computes `base(x) + lora_B(lora_A(x)) * scaling` as separate autograd steps: under bf16
+autocast it first casts the bf16 input to the adapters' fp32 (a full tokens x in_features
+copy, which autocast then casts back), the scaling multiplies and the sum adds over a full
+tokens x out_features tensor, and backward adds the base's and the adapter's input gradients
+as two more full tensors. On MiniLM those casts alone were a quarter of a LoRA step.
+
+Here one autograd function does the whole layer: the scaling goes on the thin tokens x r
+tensor, the adapter's product accumulates into the base GEMM's output (`addmm_`), and
+backward forms the input gradient in one GEMM plus one accumulating thin GEMM. Nothing is
+cast but the tiny adapter matrices. The layer is registered through peft's custom-module
+hook, so adapters still save and load as plain peft LoRA (`PeftModel.from_pretrained`
+needs nothing from peftlab).
 """
 
 from __future__ import annotations
@@ -16,25 +21,64 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 
+class _FusedLora(torch.autograd.Function):
+    """y = x W^T + bias + scaling * (x A^T) B^T with W and bias frozen, in one dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        weight, lora_a, lora_b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        thin = torch.mm(flat, lora_a.t()).mul_(scaling)
+        out = (torch.mm(flat, weight.t()) if bias is None
+               else torch.addmm(bias.to(dtype), flat, weight.t()))
+        out.addmm_(thin, lora_b.t())
+        ctx.save_for_backward(flat, weight, lora_a, lora_b, thin)
+        ctx.scaling, ctx.input_shape, ctx.input_dtype = scaling, x.shape, x.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, weight, lora_a, lora_b, thin = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
+        grad_thin = torch.mm(grad, lora_b).mul_(ctx.scaling)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad, weight).addmm_(grad_thin, lora_a)
+            grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = torch.mm(grad_thin.t(), flat)
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.mm(grad.t(), thin)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's lora.Linear with a fused forward for the common case; anything unusual (several
-    or mixed adapters, dropout, DoRA and other variants, merged weights, a LoRA bias) goes
-    through peft's own forward unchanged."""
+    """peft's lora.Linear with a fused forward and backward for the common case; anything
+    unusual (several or mixed adapters, dropout, DoRA and other variants, merged weights, a
+    LoRA bias, a base that trains) goes through peft's own forward unchanged."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+        base = self.base_layer
         if (args or kwargs or name is None or self.disable_adapters or self.merged
                 or name not in self.lora_A or name in self.lora_variant
                 or not isinstance(self.lora_dropout[name], nn.Identity)
-                or self.lora_B[name].bias is not None):
+                or self.lora_B[name].bias is not None or type(base) is not nn.Linear
+                or base.weight.requires_grad
+                or base.bias is not None and base.bias.requires_grad):
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        thin = nn.functional.linear(x.to(lora_a.dtype), lora_a) * self.scaling[name]
-        fused = torch.addmm(result.reshape(-1, result.shape[-1]),
-                            thin.reshape(-1, thin.shape[-1]).to(result.dtype),
-                            lora_b.t().to(result.dtype))
-        return fused.view(result.shape)
+        return _FusedLora.apply(x, base.weight, base.bias, self.lora_A[name].weight,
+                                self.lora_B[name].weight, self.scaling[name],
+                                _compute_dtype(x.device.type, base.weight.dtype))
+
+
+def _compute_dtype(device: str, stored: torch.dtype) -> torch.dtype:
+    """The dtype autocast would run the base GEMM in, else the base's own. The meta device
+    has no autocast: the planner's census counts meta tensors under CPU autocast's state."""
+    device = "cpu" if device == "meta" else device
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return stored
 
 
 def use_fused_lora(peft_config) -> None:

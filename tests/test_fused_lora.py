@@ -131,3 +131,40 @@ def test_fused_adapter_loads_in_plain_peft(tiny_bert, tmp_path, precision):
     with torch.no_grad(), autocast(precision):
         ours, theirs = model(**batch).logits.float(), reloaded(**batch).logits.float()
     assert_close(ours, theirs, precision, "logits")
+
+
+
+def storages_saved_by(layer, x) -> dict[int, int]:
+    """Storage -> bytes of what one forward keeps for backward, the layer's parameters
+    excluded."""
+    params = {p.untyped_storage()._cdata for p in layer.parameters()}
+    sizes, held = {}, []
+
+    def pack(tensor):
+        held.append(tensor)  # alive to the end, so no storage is freed and reused
+        if tensor.untyped_storage()._cdata not in params:
+            sizes[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast("bf16"):
+        layer(x).float().sum().backward()
+    return sizes
+
+
+def test_fused_layer_keeps_the_bf16_input_itself(tiny_bert):
+    """Under bf16 autocast peft casts the bf16 input up to the adapters' fp32 and autocast
+    casts it back, so each adapted layer keeps its own fresh copy of its input (q, k and v
+    keep three). The fused layer keeps the input itself, the thin (tokens x r) product and
+    the adapters' bf16 copies, and returns one input gradient in the input's dtype."""
+    fused, plain = (lora_model(tiny_bert, flag, "bf16") for flag in (True, False))
+    layers = [next(m for m in model.modules() if isinstance(m, kind))
+              for model, kind in ((fused, FusedLoraLinear), (plain, PeftLoraLinear))]
+    x = torch.randn(4, 9, layers[0].in_features, dtype=torch.bfloat16, requires_grad=True)
+    rank = layers[0].lora_A["default"].weight.shape[0]
+    ours = storages_saved_by(layers[0], x)
+    assert x.untyped_storage()._cdata in ours
+    assert sum(ours.values()) == 2 * (x.numel() + 4 * 9 * rank
+                                      + rank * (layers[0].in_features + layers[0].out_features))
+    assert x.grad.dtype == torch.bfloat16
+    theirs = storages_saved_by(layers[1], x.detach().requires_grad_())
+    assert x.untyped_storage()._cdata not in theirs  # a copy instead
