@@ -76,7 +76,9 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     norms in fp32, so the residual stream they read stays fp32: ~3h per encoder layer (two
     LayerNorm inputs, and the embedding norm's share) and 5h per decoder layer (RMSNorm
     upcasts and residual sums). A base stored in bf16 (`fp32_norms` False: a frozen LoRA,
-    DoRA or head base) has bf16 LayerNorm weights, and the encoder's stream is bf16 too. CPU
+    DoRA or head base) has bf16 norm weights, and the stream is bf16 too: the encoder keeps
+    no fp32 stream, the decoder only its two RMSNorms' fp32 upcasts (2h) and 4h of inputs
+    (no base linear keeps its input for a weight gradient). CPU
     SDPA's math path (attention dropout on) upcasts Q, K, V to fp32 and keeps its 3 heads x
     seq matrices in fp32; elsewhere Q, K, V stay bf16.
     """
@@ -86,10 +88,15 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     if element == FP32:
         floats = (7 * h + 2 * kv + 4 * inter) if shape.gated_mlp else (10 * h + 2 * inter)
         return (floats + scores) * FP32
+    if shape.gated_mlp and not fp32_norms:
+        # frozen bf16 base: no linear keeps its input for a weight gradient, so what stays
+        # is one input per distinct adapter input (q/k/v share one, gate/up one), the rotated
+        # Q, K, V and the attention output, the MLP's four, and the RMSNorms' fp32 upcasts
+        return (4 * h + 2 * kv + 4 * inter) * element + 2 * h * FP32 + scores * FP32
     if shape.gated_mlp:
         return (7 * h + 2 * kv + 4 * inter) * element + 5 * h * FP32 + scores * FP32
     attention = 3 * h * FP32 if math_path else 3 * h * element
-    stream = 3 * h * (FP32 if fp32_norms else element)
+    stream = 3 * h * FP32 if fp32_norms else 0  # bf16 norms: the sums are in the 7h
     return (7 * h + 2 * inter) * element + stream + attention + scores * FP32
 
 
@@ -163,6 +170,7 @@ def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_b
     tokens = micro_batch * seq
     layers = trained_layers(shape, recipe, kind)
     per_layer = _layer_bytes(shape, recipe, kind, device) * tokens
+    per_layer += adapter_input_bytes(shape, recipe, kind, element) * tokens
     if kind == "dora":
         # DoRA rescales every adapted output (a calibrated term, see below)
         outputs = sum(fan_out for _, fan_out in shape.lora_linear) / max(shape.layers, 1)
@@ -174,6 +182,27 @@ def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_b
         kept = layers * per_layer
     return kept + task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
                                                               training=True)
+
+
+def adapter_input_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int) -> float:
+    """Per token and layer, what LoRA adapters keep beyond the layer's own inputs (counted
+    in tests/test_memory.py): the thin (tokens x r) product of each, plus what happens to
+    the input. peftlab's fused layer (lora on a plain base) keeps the input itself and, with
+    dropout, a 1-byte mask. peft's own layer (qlora's 4-bit base) casts the input to the
+    adapters' fp32 first: under bf16 autocast that leaves a bf16 copy per layer (2 bytes an
+    element), and dropout adds its fp32 noise (4) with either the bf16 copy or, in fp32, the
+    dropped input (4). DoRA's calibrated term below stands for its own path."""
+    if kind not in ("lora", "qlora") or not shape.lora_linear:
+        return 0.0
+    layers = max(shape.layers, 1)
+    fan_in = sum(i for i, _ in shape.lora_linear) / layers
+    thin = len(shape.lora_linear) / layers * recipe.strategy.lora_r * element
+    dropout = recipe.strategy.lora_dropout > 0
+    if quantization_kind(recipe, kind) == "none":
+        return fan_in * (1 if dropout else 0) + thin
+    if dropout:
+        return fan_in * (FP32 + element) + thin
+    return fan_in * (element if element < FP32 else 0) + thin
 
 
 def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: int,

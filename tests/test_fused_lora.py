@@ -101,18 +101,76 @@ def test_fused_layer_matches_peft_in_values_and_gradients(tiny_bert, precision):
         assert_close(grads_f[name], grads_p[name], precision, name)
 
 
-def test_dropout_and_dora_fall_back_to_peft(tiny_bert):
-    """Dropout and DoRA take peft's own forward, so they keep peft's semantics exactly."""
+def test_dora_falls_back_to_peft(tiny_bert):
+    """DoRA takes peft's own forward, so it keeps peft's semantics exactly."""
     dora = lora_model(tiny_bert, True, kind="dora")
     assert not any(isinstance(m, FusedLoraLinear) for m in dora.modules())
-    with_dropout = lora_model(tiny_bert, True, lora_dropout=0.1)
-    randomise_adapters(with_dropout)
-    with_dropout.train()
-    batch = {"input_ids": torch.randint(5, 40, (2, 7)), "attention_mask": torch.ones(2, 7)}
-    torch.manual_seed(3)
-    first = with_dropout(**batch).logits
-    torch.manual_seed(4)
-    assert not torch.allclose(first, with_dropout(**batch).logits)  # dropout really applies
+
+
+def first_fused_layer(model) -> FusedLoraLinear:
+    layer = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return layer
+
+
+def test_dropout_is_fused_and_equals_the_same_mask_applied_by_hand(tiny_bert):
+    """The fused layer draws one Bernoulli keep-mask per call from torch's generator; drawn
+    again from the same seed, the mask gives peft's formula by hand, base(x) +
+    B(A(x * mask / (1 - p))) * scaling, in values and in every gradient."""
+    layer = first_fused_layer(lora_model(tiny_bert, True, lora_dropout=0.3)).train()
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, 7, layer.in_features, requires_grad=True)
+    torch.manual_seed(11)
+    ours = layer(x)
+    ours.square().sum().backward()
+    got = x.grad.clone(), lora_a.grad.clone(), lora_b.grad.clone()
+    x.grad = lora_a.grad = lora_b.grad = None
+    torch.manual_seed(11)
+    keep = torch.empty(21, layer.in_features, dtype=torch.bool).bernoulli_(0.7).view(x.shape)
+    assert 0 < keep.float().mean() < 1
+    by_hand = layer.base_layer(x) + (x * keep / 0.7) @ lora_a.t() @ lora_b.t() * \
+        layer.scaling["default"]
+    by_hand.square().sum().backward()
+    assert torch.allclose(ours, by_hand, atol=1e-5, rtol=1e-4)
+    for mine, theirs in zip(got, (x.grad, lora_a.grad, lora_b.grad)):
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-4)
+    torch.manual_seed(12)
+    assert not torch.allclose(layer(x), ours)  # another draw, another mask
+    layer.eval()  # no dropout outside training
+    assert torch.allclose(layer(x), layer.base_layer(x) + x @ lora_a.t() @ lora_b.t()
+                          * layer.scaling["default"], atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_mask_is_redrawn_alike_when_checkpointing_recomputes(tiny_bert):
+    """Activation checkpointing reruns the forward in backward; torch restores the RNG
+    state for it, so the recomputed mask is the one the forward used."""
+    from torch.utils.checkpoint import checkpoint
+    layer = first_fused_layer(lora_model(tiny_bert, True, lora_dropout=0.3)).train()
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(3)
+        out = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        out.square().sum().backward()
+        grads.append((x.grad.clone(), layer.lora_A["default"].weight.grad.clone()))
+        x.grad = layer.lora_A["default"].weight.grad = layer.lora_B["default"].weight.grad = None
+    for plain, recomputed in zip(*grads):
+        assert torch.equal(plain, recomputed)
+
+
+def test_dropout_keeps_a_bool_mask_not_dropped_copies(tiny_bert):
+    """peft drops an fp32 copy of each adapted layer's input and autocast keeps a bf16 copy
+    of it; the fused layer keeps the input itself and a 1-byte mask."""
+    layer = first_fused_layer(lora_model(tiny_bert, True, "bf16", lora_dropout=0.1)).train()
+    x = torch.randn(4, 9, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    rank = layer.lora_A["default"].weight.shape[0]
+    saved = storages_saved_by(layer, x)
+    assert x.untyped_storage()._cdata in saved
+    assert sum(saved.values()) == x.numel() * (2 + 1) + 2 * (
+        4 * 9 * rank + rank * (layer.in_features + layer.out_features))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
