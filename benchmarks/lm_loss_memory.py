@@ -5,9 +5,11 @@ hidden 896, a 151,936-word vocabulary, tied embeddings), randomly initialised: m
 not depend on what the weights hold. Its tokenizer is a word-level one of the same vocabulary
 size, and each data row is plain text of `seq` tokens, so every position is a target. Each job
 is a real `peftlab train` run of recipes/qwen2.5-0.5b_alpaca_lora.yaml on that model (LoRA
-r=16 on every linear layer, bf16, checkpointing off; one optimizer step of one row, then an
-evaluation of one validation row) in its own process, the planner's prediction
+r=16 on every linear layer, bf16, checkpointing off; four optimizer steps of one row each,
+then an evaluation of one validation row) in its own process, the planner's prediction
 for it written before it starts. Jobs run interleaved: each round runs every (seq, loss) once.
+Four steps, not one: glibc's heap slack builds over the first steps (at 2,048 tokens chunked,
+one step peaked at 5.9 GB, four at 6.95 GB, eight at 7.0 GB), and a real run is past them.
 
 Usage: python benchmarks/lm_loss_memory.py [--seqs 1024,2048] [--rounds 1]
        [--precision bf16]
@@ -84,7 +86,7 @@ def overrides(model: Path, data: Path, seq: int, chunked: bool, precision: str) 
     return [f"model.name={model.resolve()}", f"model.max_length={seq + 8}", f"data.train={data.resolve()}", "data.sft_format=text",
             "data.validation=null", "data.test=null", "data.split_ratios=[0.5,0.5,0.0]",
             "train.batch_size=1", "train.grad_accum=1", "train.gradient_checkpointing=false",
-            "train.max_steps=1", "train.group_by_length=false", "eval.batch_size=1",
+            "train.max_steps=4", "train.epochs=4", "train.group_by_length=false", "eval.batch_size=1",
             "eval.max_new_tokens=1", "eval.sample_prompts=[w5]", "data.max_eval_samples=1",
             f"train.mixed_precision={precision}", f"train.chunked_lm_loss={str(chunked).lower()}",
             "train.keep_checkpoints=0", "train.report_to=[none]"]
