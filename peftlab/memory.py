@@ -156,11 +156,20 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: 
     gradients of its saved tensors live too (a frozen body still runs one layer's forward)."""
     tokens = micro_batch * recipe.model.max_length
     one_layer = _layer_bytes(shape, recipe, kind, device)
-    live = saved_activation_bytes(shape, recipe, kind, micro_batch, checkpointing, device) + \
-        one_layer * tokens
+    output = task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
+                                                         training=True)
+    body = saved_activation_bytes(shape, recipe, kind, micro_batch, checkpointing, device) + \
+        one_layer * tokens - output
+    if device != "cpu":
+        return body + output
     # CPU: glibc keeps freed activation blocks for the next step's reuse, fragmented by
-    # batches of changing length; RSS runs above the live tensors by this calibrated share
-    return live * (1 + SST2_FITTED_CPU_HEAP_SLACK) if device == "cpu" else live
+    # batches of changing length; RSS runs above the live tensors by this calibrated share.
+    # Blocks above glibc's mmap ceiling are mapped fresh and unmapped on free, so the task
+    # output (the logits, a third each of the term when training) takes no slack when its
+    # tensors are that large.
+    mapped = output / 3 >= GLIBC_MMAP_THRESHOLD_MAX
+    return body * (1 + SST2_FITTED_CPU_HEAP_SLACK) + output * (
+        1 if mapped else 1 + SST2_FITTED_CPU_HEAP_SLACK)
 
 
 def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
@@ -237,6 +246,9 @@ def estimate(shape: ModelShape | Census, recipe: Recipe, kind: str, micro_batch:
 # the planner was tuned on; its error on others is in the README). RSS per byte of data
 # file: the Python strings while reading, the Arrow tables, three int64 token columns.
 SST2_FITTED_DATA_RSS_PER_FILE_BYTE = 13
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the dynamic mmap threshold never rises above
+# it, so every larger block is its own mapping, returned to the system when freed
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 # Calibrated on SST-2 / MiniLM LoRA, full and head runs (fp32 and bf16, 64 to 128 tokens):
 # peak RSS above the live activations, from glibc's reuse of freed blocks; with RSS pinned
 # to live tensors (a 128 KiB mmap threshold) the slack vanished but steps took 2.3x longer
