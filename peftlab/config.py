@@ -119,7 +119,7 @@ class TrainConfig:
     # causal_lm: the head and cross-entropy run over chunks of target tokens, recomputed in
     # backward, so the tokens x vocabulary logits never exist at once (false: plain logits)
     chunked_lm_loss: bool = True
-    lm_loss_chunk_tokens: int = 0  # causal_lm: target tokens per chunk (0 = auto, ~32M logits)
+    lm_loss_chunk_tokens: int = 0  # causal_lm: target tokens per chunk (0 = auto, ~16M logits)
     # head, and freeze with layers frozen: run the frozen bottom once per split (eval mode, no
     # dropout) and train on its cached outputs; auto: when it would run more than once
     cache_frozen: bool | str = "auto"

@@ -25,8 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 from peftlab.batches import IGNORE
 
-# auto chunk size: about 32M logits (128 MB in fp32) per chunk, whatever the vocabulary
-AUTO_CHUNK_LOGITS = 2**25
+# auto chunk size: about 16M logits (64 MB in fp32) per chunk, whatever the vocabulary. A
+# chunk's backward holds about four times that (bf16 logits, their fp32 copy, log-softmax,
+# its gradient); the head's GEMM over ~110 tokens of a 152k vocabulary is still large
+AUTO_CHUNK_LOGITS = 2**24
 # config attributes that mean the forward transforms logits after the head
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
