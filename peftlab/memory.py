@@ -197,10 +197,10 @@ def adapter_input_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: i
     """Per token and layer, what LoRA adapters keep beyond the layer's own inputs (counted
     in tests/test_memory.py): the thin (tokens x r) product of each, plus what happens to
     the input. peftlab's fused layer (lora on a plain base) keeps the input itself and, with
-    dropout, a 1-byte mask. peft's own layer (qlora's 4-bit base) casts the input to the
-    adapters' fp32 first: under bf16 autocast that leaves a bf16 copy per layer (2 bytes an
-    element), and dropout adds its fp32 noise (4) with either the bf16 copy or, in fp32, the
-    dropped input (4). DoRA's calibrated term below stands for its own path."""
+    dropout, a 1-byte mask. peft's own layer (qlora's 4-bit base) runs dropout on an fp32
+    copy of the input and keeps its fp32 noise: 4 bytes an element, as the census on a tiny
+    Llama measures (tests/test_memory.py, fp32 and bf16). DoRA's calibrated term below
+    stands for its own path."""
     if kind not in ("lora", "qlora") or not shape.lora_linear:
         return 0.0
     layers = max(shape.layers, 1)
@@ -209,9 +209,7 @@ def adapter_input_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: i
     dropout = recipe.strategy.lora_dropout > 0
     if quantization_kind(recipe, kind) == "none":
         return fan_in * (1 if dropout else 0) + thin
-    if dropout:
-        return fan_in * (FP32 + element) + thin
-    return fan_in * (element if element < FP32 else 0) + thin
+    return fan_in * (FP32 if dropout else 0) + thin
 
 
 def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: int,

@@ -128,14 +128,16 @@ def test_encoder_activations_match_saved_tensors(wide_bert, kind, precision):
         assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("kind, precision", census_cases(["full", "lora"]))
+DECODER_CASES = [(kind, precision, 0.0) for kind, precision in census_cases(["full"])] + [
+    (kind, precision, dropout) for kind, precision in census_cases(["lora", "qlora"])
+    for dropout in (0.0, 0.1)]  # LoRA dropout only where there is LoRA
+
+
+@pytest.mark.parametrize("kind, precision, dropout", DECODER_CASES)
 def test_decoder_activations_match_saved_tensors(tiny_llama, kind, precision, dropout):
-    """LoRA with dropout is the decoder recipes' default (0.05): peft's own layer kept an
-    fp32 noise tensor and a bf16 copy of the input per adapted layer, the fused one keeps a
-    1-byte mask, and the planner counts that (adapter_input_bytes)."""
-    if kind == "full" and dropout:
-        pytest.skip("LoRA dropout needs LoRA")
+    """LoRA with dropout is the decoder recipes' default (0.05): peft's own layer (QLoRA's)
+    keeps an fp32 noise tensor per adapted layer, the fused one a 1-byte mask, and the
+    planner counts both (adapter_input_bytes)."""
     recipe = make_recipe(tiny_llama, kind, task="causal_lm", precision=precision)
     recipe.strategy.lora_dropout = dropout
     assert element_bytes(recipe, "cpu") == PRECISIONS[precision]
