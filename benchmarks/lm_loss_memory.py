@@ -121,20 +121,30 @@ def run_job(model: Path, data: Path, seq: int, chunked: bool, precision: str) ->
 
 
 def table(records: list[dict]) -> str:
-    lines = [("| seq | loss | peak RSS | planner (blind) | logits term (plain) | saved vs plain "
-             "| share of the logits term | validation loss |"), "|---|---|---|---|---|---|---|---|"]
+    """Medians over rounds with (min-max); the planner's error against each round's peak;
+    the saving per round (the i-th plain run of a length against its i-th chunked run)."""
+    lines = [("| seq | loss | peak RSS | planner (blind) | error per round | logits term (plain) "
+              "| saved vs plain | share of the logits term | validation loss |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for seq in sorted({r["seq"] for r in records}):
-        peaks = {c: statistics.median(r["peak_memory_mb"] for r in records
-                                      if r["seq"] == seq and r["chunked"] == c)
-                 for c in (False, True)}
+        runs = {c: [r for r in records if r["seq"] == seq and r["chunked"] == c]
+                for c in (False, True)}
+        term = runs[False][0]["logits_term_mb"]
+        saved = [plain["peak_memory_mb"] - chunked["peak_memory_mb"]
+                 for plain, chunked in zip(runs[False], runs[True])]
         for chunked in (False, True):
-            mine = [r for r in records if r["seq"] == seq and r["chunked"] == chunked]
-            peak, saved = peaks[chunked], peaks[False] - peaks[chunked]
-            term = mine[0]["logits_term_mb"]
+            mine = runs[chunked]
+            peaks = [r["peak_memory_mb"] for r in mine]
+            errors = [r["error"] * 100 for r in mine]
+            saving = (f"{statistics.median(saved):,.0f} MB | "
+                      f"{statistics.median(saved) / term * 100:.0f}% "
+                      f"({min(saved) / term * 100:.0f}-{max(saved) / term * 100:.0f}%)"
+                      if chunked else " | ")
             lines.append(
-                f"| {seq} | {'chunked' if chunked else 'plain'} | {peak:,.0f} MB | "
-                f"{mine[0]['predicted_peak_mb']:,.0f} MB ({mine[0]['error'] * 100:+.1f}%) | "
-                f"{term:,.0f} MB | {saved:,.0f} MB | {saved / term * 100:.0f}% | "
+                f"| {seq} | {'chunked' if chunked else 'plain'} | "
+                f"{statistics.median(peaks):,.0f} ({min(peaks):,.0f}-{max(peaks):,.0f}) MB | "
+                f"{mine[0]['predicted_peak_mb']:,.0f} MB | "
+                f"{min(errors):+.1f}% to {max(errors):+.1f}% | {term:,.0f} MB | {saving} | "
                 f"{mine[0]['validation_loss']:.6f} |")
     return "\n".join(lines) + "\n"
 
