@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 from peftlab.census import Census, census_estimate
 from peftlab.config import Recipe
+from peftlab.layer_bytes import FP32, adapter_input_bytes, layer_activation_bytes
 from peftlab.model_shape import ModelShape, lora_params, shape_of
 from peftlab.quantization import FROZEN_BASE_KINDS, quantization_kind
 from peftlab.tasks import task_module
 
 MB = 2**20
 GiB = 2**30
-FP32 = 4
 # bytes per weight of a quantized Linear: 4-bit codes + one fp32 absmax per 64 weights, or
 # with double quantization an 8-bit absmax per 64 and an fp32 constant per 256 of those;
 # int8 (LLM.int8): one byte + an fp32 scale per output row (negligible)
@@ -57,47 +57,6 @@ class Estimate:
     def total(self) -> float:
         moments = (self.activations, self.gradients, self.evaluation)
         return self.overhead + self.weights + self.optimizer + self.cache + max(moments)
-
-
-def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
-                           device: str = "cpu", fp32_norms: bool = True) -> float:
-    """Bytes one layer keeps for backward per token, from a census of the tensors autograd
-    saves (tests/test_memory.py counts them with saved-tensor hooks, in fp32 and in bf16).
-
-    fp32. Encoder (post-norm BERT, GELU): 10h + 2 x intermediate: the linear inputs, Q/K/V
-    in two layouts, the context, residual sums, norm outputs and dropout masks (kept as
-    floats), the MLP's pre- and post-GELU. Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x
-    intermediate. With attention dropout on CPU, SDPA takes its math path and keeps 3 heads x
-    seq x seq matrices (scores, mask, dropped probabilities); CUDA kernels apply dropout
-    without materializing them.
-
-    bf16 autocast (element 2) does not halve all of it. What the matmuls save is bf16
-    (encoder 7h + 2 x intermediate, decoder 7h + K/V + 4 x intermediate), but autocast keeps
-    norms in fp32, so the residual stream they read stays fp32: ~3h per encoder layer (two
-    LayerNorm inputs, and the embedding norm's share) and 5h per decoder layer (RMSNorm
-    upcasts and residual sums). A base stored in bf16 (`fp32_norms` False: a frozen LoRA,
-    DoRA or head base) has bf16 norm weights, and the stream is bf16 too: the encoder keeps
-    no fp32 stream, the decoder only its two RMSNorms' fp32 upcasts (2h) and 4h of inputs
-    (no base linear keeps its input for a weight gradient). CPU
-    SDPA's math path (attention dropout on) upcasts Q, K, V to fp32 and keeps its 3 heads x
-    seq matrices in fp32; elsewhere Q, K, V stay bf16.
-    """
-    h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate
-    math_path = shape.attention_dropout > 0 and device == "cpu"
-    scores = 3 * shape.heads * seq_len if math_path else 0
-    if element == FP32:
-        floats = (7 * h + 2 * kv + 4 * inter) if shape.gated_mlp else (10 * h + 2 * inter)
-        return (floats + scores) * FP32
-    if shape.gated_mlp and not fp32_norms:
-        # frozen bf16 base: no linear keeps its input for a weight gradient, so what stays
-        # is one input per distinct adapter input (q/k/v share one, gate/up one), the rotated
-        # Q, K, V and the attention output, the MLP's four, and the RMSNorms' fp32 upcasts
-        return (4 * h + 2 * kv + 4 * inter) * element + 2 * h * FP32 + scores * FP32
-    if shape.gated_mlp:
-        return (7 * h + 2 * kv + 4 * inter) * element + 5 * h * FP32 + scores * FP32
-    attention = 3 * h * FP32 if math_path else 3 * h * element
-    stream = 3 * h * FP32 if fp32_norms else 0  # bf16 norms: the sums are in the 7h
-    return (7 * h + 2 * inter) * element + stream + attention + scores * FP32
 
 
 def trainable_params(shape: ModelShape, recipe: Recipe, kind: str) -> int:
@@ -191,25 +150,6 @@ def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_b
         kept = layers * per_layer
     return kept + task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
                                                               training=True)
-
-
-def adapter_input_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int) -> float:
-    """Per token and layer, what LoRA adapters keep beyond the layer's own inputs (counted
-    in tests/test_memory.py): the thin (tokens x r) product of each, plus what happens to
-    the input. peftlab's fused layer (lora on a plain base) keeps the input itself and, with
-    dropout, a 1-byte mask. peft's own layer (qlora's 4-bit base) runs dropout on an fp32
-    copy of the input and keeps its fp32 noise: 4 bytes an element, as the census on a tiny
-    Llama measures (tests/test_memory.py, fp32 and bf16). DoRA's calibrated term below
-    stands for its own path."""
-    if kind not in ("lora", "qlora") or not shape.lora_linear:
-        return 0.0
-    layers = max(shape.layers, 1)
-    fan_in = sum(i for i, _ in shape.lora_linear) / layers
-    thin = len(shape.lora_linear) / layers * recipe.strategy.lora_r * element
-    dropout = recipe.strategy.lora_dropout > 0
-    if quantization_kind(recipe, kind) == "none":
-        return fan_in * (1 if dropout else 0) + thin
-    return fan_in * (FP32 if dropout else 0) + thin
 
 
 def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: int,
