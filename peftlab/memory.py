@@ -115,10 +115,9 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: 
     gradients of its saved tensors live too (a frozen body still runs one layer's forward)."""
     tokens = micro_batch * recipe.model.max_length
     one_layer = _layer_bytes(shape, recipe, kind, device)
-    output = task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
-                                                         training=True)
-    body = saved_activation_bytes(shape, recipe, kind, micro_batch, checkpointing, device) + \
-        one_layer * tokens - output
+    output = output_bytes(shape, recipe, tokens)
+    body = saved_layers_bytes(shape, recipe, kind, micro_batch, checkpointing, device) + \
+        one_layer * tokens
     if device != "cpu":
         return body + output
     # CPU: glibc keeps freed activation blocks for the next step's reuse, fragmented by
@@ -134,6 +133,19 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: 
 def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
                            checkpointing: bool, device: str = "cpu") -> float:
     """What autograd keeps for backward (see layer_activation_bytes for what bf16 halves)."""
+    return saved_layers_bytes(shape, recipe, kind, micro_batch, checkpointing, device) + \
+        output_bytes(shape, recipe, micro_batch * recipe.model.max_length)
+
+
+def output_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> float:
+    """The task's output term of a training step (the logits, for a causal LM)."""
+    return task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
+                                                       training=True)
+
+
+def saved_layers_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
+                       checkpointing: bool, device: str = "cpu") -> float:
+    """What the layers keep for backward, the task's output term aside."""
     seq, element = recipe.model.max_length, element_bytes(recipe, device)
     tokens = micro_batch * seq
     layers = trained_layers(shape, recipe, kind)
@@ -148,8 +160,7 @@ def saved_activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_b
         kept = layers * shape.hidden * tokens * element + per_layer  # inputs + one recomputed
     else:
         kept = layers * per_layer
-    return kept + task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
-                                                              training=True)
+    return kept
 
 
 def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: int,
