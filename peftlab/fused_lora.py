@@ -20,6 +20,8 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
+from peftlab.fast_dropout import keep_mask
+
 
 class _FusedLora(torch.autograd.Function):
     """y = x W^T + bias + scaling * (dropout(x) A^T) B^T with W and bias frozen, in one dtype.
@@ -35,8 +37,7 @@ class _FusedLora(torch.autograd.Function):
         weight, lora_a, lora_b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         keep = None
         if dropout > 0:
-            keep = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-            keep.bernoulli_(1 - dropout)
+            keep = keep_mask(flat.shape, 1 - dropout, flat.device)
             scaling = scaling / (1 - dropout)
         thin = torch.mm(flat if keep is None else flat * keep, lora_a.t()).mul_(scaling)
         out = (torch.mm(flat, weight.t()) if bias is None
@@ -71,7 +72,8 @@ class FusedLoraLinear(PeftLoraLinear):
     unusual (several or mixed adapters, a dropout other than nn.Dropout, DoRA and other
     variants, merged weights, a LoRA bias, a base that trains) goes through peft's own
     forward unchanged. Dropout has peft's distribution (an independent Bernoulli mask per
-    layer and step, from torch's generator) but not its random stream."""
+    layer and step, from torch's generator, drawn as fast_dropout.keep_mask draws it) but not
+    its random stream."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self.active_adapters[0] if len(self.active_adapters) == 1 else None

@@ -9,6 +9,7 @@ from peftlab.model_shape import ModelShape
 from peftlab.quantization import quantization_kind
 
 FP32 = 4
+MASK = 1  # a bool dropout mask (peftlab/fast_dropout.py), per element
 
 
 def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
@@ -17,14 +18,14 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     saves (tests/test_memory.py counts them with saved-tensor hooks, in fp32 and in bf16).
 
     fp32. Encoder (post-norm BERT, GELU): 10h + 2 x intermediate: the linear inputs, Q/K/V
-    in two layouts, the context, residual sums, norm outputs and dropout masks (kept as
-    floats), the MLP's pre- and post-GELU. Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x
+    in two layouts, the context, residual sums, norm outputs, the MLP's pre- and post-GELU,
+    and the two hidden dropouts' 1-byte masks (2h bytes, in every precision). Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x
     intermediate. With attention dropout on CPU, SDPA takes its math path and keeps 3 heads x
     seq x seq matrices (scores, mask, dropped probabilities); CUDA kernels apply dropout
     without materializing them.
 
     bf16 autocast (element 2) does not halve all of it. What the matmuls save is bf16
-    (encoder 7h + 2 x intermediate, decoder 7h + K/V + 4 x intermediate), but autocast keeps
+    (encoder 5h + 2 x intermediate and the masks, decoder 7h + K/V + 4 x intermediate), but autocast keeps
     norms in fp32, so the residual stream they read stays fp32: ~3h per encoder layer (two
     LayerNorm inputs, and the embedding norm's share) and 5h per decoder layer (RMSNorm
     upcasts and residual sums). A base stored in bf16 (`fp32_norms` False: a frozen LoRA,
@@ -38,8 +39,9 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     math_path = shape.attention_dropout > 0 and device == "cpu"
     scores = 3 * shape.heads * seq_len if math_path else 0
     if element == FP32:
-        floats = (7 * h + 2 * kv + 4 * inter) if shape.gated_mlp else (10 * h + 2 * inter)
-        return (floats + scores) * FP32
+        if shape.gated_mlp:
+            return (7 * h + 2 * kv + 4 * inter + scores) * FP32
+        return (8 * h + 2 * inter + scores) * FP32 + 2 * h * MASK
     if shape.gated_mlp and not fp32_norms:
         # frozen bf16 base: no linear keeps its input for a weight gradient, so what stays
         # is one input per distinct adapter input (q/k/v share one, gate/up one), the rotated
@@ -49,7 +51,8 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
         return (7 * h + 2 * kv + 4 * inter) * element + 5 * h * FP32 + scores * FP32
     attention = 3 * h * FP32 if math_path else 3 * h * element
     stream = 3 * h * FP32 if fp32_norms else 0  # bf16 norms: the sums are in the 7h
-    return (7 * h + 2 * inter) * element + stream + attention + scores * FP32
+    return ((5 * h + 2 * inter) * element + 2 * h * MASK + stream + attention
+            + scores * FP32)
 
 
 def adapter_input_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int) -> float:

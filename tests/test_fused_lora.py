@@ -14,6 +14,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from transformers import AutoModelForSequenceClassification
 
 from peftlab.config import recipe_from_dict
+from peftlab.fast_dropout import keep_mask
 from peftlab.fused_lora import FusedLoraLinear
 from peftlab.strategies import apply_strategy
 from peftlab.tasks.classification_model import build_classifier
@@ -129,7 +130,7 @@ def test_dropout_is_fused_and_equals_the_same_mask_applied_by_hand(tiny_bert):
     got = x.grad.clone(), lora_a.grad.clone(), lora_b.grad.clone()
     x.grad = lora_a.grad = lora_b.grad = None
     torch.manual_seed(11)
-    keep = torch.empty(21, layer.in_features, dtype=torch.bool).bernoulli_(0.7).view(x.shape)
+    keep = keep_mask(torch.Size([21, layer.in_features]), 0.7, x.device).view(x.shape)
     assert 0 < keep.float().mean() < 1
     by_hand = layer.base_layer(x) + (x * keep / 0.7) @ lora_a.t() @ lora_b.t() * \
         layer.scaling["default"]
