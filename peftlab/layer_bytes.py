@@ -17,17 +17,19 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     """Bytes one layer keeps for backward per token, from a census of the tensors autograd
     saves (tests/test_memory.py counts them with saved-tensor hooks, in fp32 and in bf16).
 
-    fp32. Encoder (post-norm BERT, GELU): 10h + 2 x intermediate: the linear inputs, Q/K/V
-    in two layouts, the context, residual sums, norm outputs, the MLP's pre- and post-GELU,
-    and the two hidden dropouts' 1-byte masks (2h bytes, in every precision). Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x
-    intermediate. With attention dropout on CPU, SDPA takes its math path and keeps 3 heads x
-    seq x seq matrices (scores, mask, dropped probabilities); CUDA kernels apply dropout
+    fp32. Encoder (post-norm BERT, GELU): 8h + 2 x intermediate floats (the linear inputs,
+    Q/K/V in two layouts, the context, residual sums, norm outputs, the MLP's pre- and
+    post-GELU) and the two hidden dropouts' 1-byte masks (2h bytes in every precision,
+    peftlab/fast_dropout.py). Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x intermediate.
+    With attention dropout on CPU, SDPA takes its math path and keeps 3 heads x seq x seq
+    matrices (scores, mask, dropped probabilities); CUDA kernels apply dropout
     without materializing them.
 
     bf16 autocast (element 2) does not halve all of it. What the matmuls save is bf16
-    (encoder 5h + 2 x intermediate and the masks, decoder 7h + K/V + 4 x intermediate), but autocast keeps
-    norms in fp32, so the residual stream they read stays fp32: ~3h per encoder layer (two
-    LayerNorm inputs, and the embedding norm's share) and 5h per decoder layer (RMSNorm
+    (encoder 5h + 2 x intermediate beside the masks, decoder 7h + K/V + 4 x intermediate),
+    but autocast keeps norms in fp32, so the residual stream they read stays fp32: ~3h per
+    encoder layer (two LayerNorm inputs, and the embedding norm's share) and 5h per decoder
+    layer (RMSNorm
     upcasts and residual sums). A base stored in bf16 (`fp32_norms` False: a frozen LoRA,
     DoRA or head base) has bf16 norm weights, and the stream is bf16 too: the encoder keeps
     no fp32 stream, the decoder only its two RMSNorms' fp32 upcasts (2h) and 4h of inputs
