@@ -29,13 +29,12 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     (encoder 5h + 2 x intermediate beside the masks, decoder 7h + K/V + 4 x intermediate),
     but autocast keeps norms in fp32, so the residual stream they read stays fp32: ~3h per
     encoder layer (two LayerNorm inputs, and the embedding norm's share) and 5h per decoder
-    layer (RMSNorm
-    upcasts and residual sums). A base stored in bf16 (`fp32_norms` False: a frozen LoRA,
-    DoRA or head base) has bf16 norm weights, and the stream is bf16 too: the encoder keeps
-    no fp32 stream, the decoder only its two RMSNorms' fp32 upcasts (2h) and 4h of inputs
-    (no base linear keeps its input for a weight gradient). CPU
-    SDPA's math path (attention dropout on) upcasts Q, K, V to fp32 and keeps its 3 heads x
-    seq matrices in fp32; elsewhere Q, K, V stay bf16.
+    layer (RMSNorm upcasts and residual sums). A base stored in bf16 (`fp32_norms` False: a
+    frozen LoRA, DoRA or head base) has bf16 norm weights, and the stream is bf16 too: the
+    encoder keeps no fp32 stream, the decoder only its two RMSNorms' fp32 upcasts (2h) and
+    4h of inputs (no base linear keeps its input for a weight gradient). CPU SDPA's math
+    path (attention dropout on) upcasts Q, K, V to fp32 and keeps its 3 heads x seq matrices
+    in fp32; elsewhere Q, K, V stay bf16.
     """
     h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate
     math_path = shape.attention_dropout > 0 and device == "cpu"
@@ -72,5 +71,5 @@ def adapter_input_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: i
     thin = len(shape.lora_linear) / layers * recipe.strategy.lora_r * element
     dropout = recipe.strategy.lora_dropout > 0
     if quantization_kind(recipe, kind) == "none":
-        return fan_in * (1 if dropout else 0) + thin
+        return fan_in * (MASK if dropout else 0) + thin
     return fan_in * (FP32 if dropout else 0) + thin
