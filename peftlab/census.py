@@ -100,8 +100,8 @@ class FusedAttention(torch.autograd.Function):
 class MetaAutocast(TorchFunctionMode):
     """bf16 autocast's casts, applied where meta tensors bypass the real one, and fused
     attention's saved set wherever the device would run a fused kernel (everywhere but CPU
-    with attention dropout, which takes the math path). It also keeps the largest output
-    any function produced (the forward's working set)."""
+    with attention dropout, which takes peftlab/fast_attention.py's path). It also keeps
+    the largest output any function produced (the forward's working set)."""
 
     def __init__(self, cast: bool, device: str):
         super().__init__()
@@ -166,6 +166,7 @@ def count_kind(census: Census, kind: str, checkpointing: bool, element: int,
                device: str) -> KindCensus:
     """Apply `kind` to a fresh meta model as a run would and count at SMALL and BIG
     examples."""
+    from peftlab.fast_attention import use_fast_attention
     from peftlab.quantization import FROZEN_BASE_KINDS
     from peftlab.strategies import apply_strategy
     from peftlab.tasks import task_module
@@ -179,6 +180,7 @@ def count_kind(census: Census, kind: str, checkpointing: bool, element: int,
         model.to(torch.bfloat16)  # as load_kwargs stores a frozen pretrained base
     report = apply_strategy(model, recipe)
     model = report.model.train()
+    use_fast_attention(model, enable=device == "cpu")  # GPUs keep SDPA's kernels
     small, _ = saved_bytes(model, census.spec, SMALL, element == 2, device)
     big, largest = saved_bytes(model, census.spec, BIG, element == 2, device)
     per_example = (big - small) / (BIG - SMALL)

@@ -29,6 +29,8 @@ def keep_mask(shape: torch.Size, keep: float, device: torch.device) -> torch.Ten
     words.random_(-(2**63), None)  # the full 64-bit range: two uniform 32-bit halves
     # signed compare: a word below `threshold` happens round(keep * 2**32) times in 2**32
     threshold = round(keep * _WORD) - _WORD // 2
+    if threshold >= _WORD // 2:  # keep rounds to 1 (p < 2**-33): every word is below it
+        return torch.ones(shape, dtype=torch.bool, device=device)
     return (words.view(torch.int32)[:count] < threshold).view(shape)
 
 

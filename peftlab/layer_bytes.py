@@ -21,39 +21,38 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     Q/K/V in two layouts, the context, residual sums, norm outputs, the MLP's pre- and
     post-GELU) and the two hidden dropouts' 1-byte masks (2h bytes in every precision,
     peftlab/fast_dropout.py). Decoder (pre-norm, SwiGLU): 7h + K/V + 4 x intermediate.
-    With attention dropout on CPU, SDPA takes its math path and keeps 3 heads x seq x seq
-    matrices (scores, mask, dropped probabilities); CUDA kernels apply dropout
-    without materializing them.
+    With attention dropout on CPU, attention runs peftlab's short path
+    (peftlab/fast_attention.py), which keeps per token heads x seq of the fp32 softmax
+    output, the dropped probabilities in the run's dtype and their 1-byte mask; CUDA kernels
+    apply dropout without materializing them.
 
     bf16 autocast (element 2) does not halve all of it. What the matmuls save is bf16
-    (encoder 5h + 2 x intermediate beside the masks, decoder 7h + K/V + 4 x intermediate),
+    (encoder 8h + 2 x intermediate beside the masks, decoder 7h + K/V + 4 x intermediate),
     but autocast keeps norms in fp32, so the residual stream they read stays fp32: ~3h per
     encoder layer (two LayerNorm inputs, and the embedding norm's share) and 5h per decoder
     layer (RMSNorm upcasts and residual sums). A base stored in bf16 (`fp32_norms` False: a
     frozen LoRA, DoRA or head base) has bf16 norm weights, and the stream is bf16 too: the
     encoder keeps no fp32 stream, the decoder only its two RMSNorms' fp32 upcasts (2h) and
-    4h of inputs (no base linear keeps its input for a weight gradient). CPU SDPA's math
-    path (attention dropout on) upcasts Q, K, V to fp32 and keeps its 3 heads x seq matrices
-    in fp32; elsewhere Q, K, V stay bf16.
+    4h of inputs (no base linear keeps its input for a weight gradient). Q, K and V stay
+    bf16 (torch's SDPA math path upcast them to fp32; the short path does not).
     """
     h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate
-    math_path = shape.attention_dropout > 0 and device == "cpu"
-    scores = 3 * shape.heads * seq_len if math_path else 0
+    dropout_scores = shape.attention_dropout > 0 and device == "cpu"
+    # softmax output (fp32), dropped probabilities (run dtype), dropout mask, per score
+    scores = shape.heads * seq_len * (FP32 + element + MASK) if dropout_scores else 0
     if element == FP32:
         if shape.gated_mlp:
-            return (7 * h + 2 * kv + 4 * inter + scores) * FP32
-        return (8 * h + 2 * inter + scores) * FP32 + 2 * h * MASK
+            return (7 * h + 2 * kv + 4 * inter) * FP32 + scores
+        return (8 * h + 2 * inter) * FP32 + 2 * h * MASK + scores
     if shape.gated_mlp and not fp32_norms:
         # frozen bf16 base: no linear keeps its input for a weight gradient, so what stays
         # is one input per distinct adapter input (q/k/v share one, gate/up one), the rotated
         # Q, K, V and the attention output, the MLP's four, and the RMSNorms' fp32 upcasts
-        return (4 * h + 2 * kv + 4 * inter) * element + 2 * h * FP32 + scores * FP32
+        return (4 * h + 2 * kv + 4 * inter) * element + 2 * h * FP32 + scores
     if shape.gated_mlp:
-        return (7 * h + 2 * kv + 4 * inter) * element + 5 * h * FP32 + scores * FP32
-    attention = 3 * h * FP32 if math_path else 3 * h * element
+        return (7 * h + 2 * kv + 4 * inter) * element + 5 * h * FP32 + scores
     stream = 3 * h * FP32 if fp32_norms else 0  # bf16 norms: the sums are in the 7h
-    return ((5 * h + 2 * inter) * element + 2 * h * MASK + stream + attention
-            + scores * FP32)
+    return (8 * h + 2 * inter) * element + 2 * h * MASK + stream + scores
 
 
 def adapter_input_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int) -> float:

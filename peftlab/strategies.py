@@ -281,10 +281,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def apply_strategy(model: nn.Module, recipe: Recipe) -> StrategyReport:
     """Set what trains; for `gradual`, the report's groups drive unfreezing in the loop.
-    Dropout modules get the cheaper CPU mask (peftlab/fast_dropout.py) for every strategy."""
+    Dropout modules get the cheaper CPU mask (peftlab/fast_dropout.py), and SDPA attention
+    with dropout its CPU short path (peftlab/fast_attention.py), for every strategy."""
+    from peftlab.fast_attention import use_fast_attention
     from peftlab.fast_dropout import use_fast_dropout
     from peftlab.quantization import prepare_kbit
     use_fast_dropout(model)
+    use_fast_attention(model)
     heads = head_names(model)
     groups = layer_groups(model) if recipe.strategy.kind == "gradual" else []
     if recipe.strategy.kind in PEFT_KINDS:

@@ -79,6 +79,41 @@ def test_census_counts_what_autograd_saves(vision_model, kind, precision):
         assert counted.saved_per_example > 0
 
 
+@pytest.fixture(scope="module")
+def vit_with_attention_dropout(tmp_path_factory):
+    import json
+    folder = save_vision_model(tmp_path_factory.mktemp("vit_dropout"), "vit")
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_probs_dropout_prob"] = 0.1
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_census_counts_attention_dropout_by_device(vit_with_attention_dropout, tmp_path,
+                                                   kind, precision):
+    """On CPU, attention dropout runs peftlab/fast_attention.py's path, which the census
+    counts as autograd saves it; a GPU plan keeps SDPA's fused kernels (no seq x seq
+    tensors), so it counts as if the dropout were off."""
+    folder = vit_with_attention_dropout
+    recipe = image_recipe(folder, kind, precision)
+    element = 2 if precision == "bf16" else 4
+    counted = shape_of(recipe).of(kind, False, element, "cpu")
+    torch.manual_seed(0)
+    model = apply_strategy(build_image_model(str(folder), ["a", "b"], recipe, True),
+                           recipe).model
+    real = real_saved_bytes(model, precision)
+    assert counted.saved_fixed + BATCH * counted.saved_per_example == pytest.approx(
+        real, rel=0.01)
+    no_dropout = save_vision_model(tmp_path / "plain", "vit")
+    gpu = shape_of(recipe).of(kind, False, element, "cuda")
+    gpu_plain = shape_of(image_recipe(no_dropout, kind, precision)).of(kind, False, element,
+                                                                       "cuda")
+    assert gpu.saved_per_example == gpu_plain.saved_per_example
+    assert gpu.saved_per_example < counted.saved_per_example
+
+
 def test_estimate_grows_with_the_batch_and_the_heap_slack(vision_model):
     _, folder = vision_model
     recipe = image_recipe(folder, "full")

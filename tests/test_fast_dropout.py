@@ -63,6 +63,14 @@ def test_eval_mode_and_p_zero_pass_through():
     assert torch.equal(fast(1.0).train()(x), torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("keep", [1 - 1e-12, 1 - 2**-32])
+def test_keep_rates_next_to_one_keep_everything(keep):
+    """keep * 2**32 rounds to 2**32 (or to the last word below it): the signed threshold
+    would leave int32's range there, and a wrapped compare would drop everything."""
+    mask = keep_mask(torch.Size([100_000]), keep, torch.device("cpu"))
+    assert mask.float().mean().item() > 0.999
+
+
 def test_backward_keeps_a_one_byte_mask_not_a_noise_tensor():
     x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
     saved = []
