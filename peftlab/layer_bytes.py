@@ -51,7 +51,7 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
         return (4 * h + 2 * kv + 4 * inter) * element + 2 * h * FP32 + scores
     if shape.gated_mlp:
         return (7 * h + 2 * kv + 4 * inter) * element + 5 * h * FP32 + scores
-    stream = 3 * h * FP32 if fp32_norms else 0  # bf16 norms: the sums are in the 7h
+    stream = 3 * h * FP32 if fp32_norms else 0  # bf16 norms: the sums are in the 8h
     return (8 * h + 2 * inter) * element + 2 * h * MASK + stream + scores
 
 

@@ -13,6 +13,8 @@ from transformers import (
     AutoModel,
     BertConfig,
     BertModel,
+    DistilBertConfig,
+    DistilBertModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -114,6 +116,8 @@ MODELS = {
     "bert": lambda: BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=4, intermediate_size=64),
                               add_pooling_layer=False),
+    "distilbert": lambda: DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=2,
+                                                           n_heads=4, hidden_dim=64)),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4,
                                                n_positions=64)),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(
@@ -125,7 +129,7 @@ MODELS = {
 @pytest.mark.parametrize("family", sorted(MODELS))
 @pytest.mark.parametrize("padded", [False, True])
 def test_real_models_train_through_it_with_the_masks_sdpa_gets(family, padded):
-    """Bidirectional (BERT), causal (GPT-2) and causal GQA (Llama) attention, with and
+    """Bidirectional (BERT, DistilBERT), causal (GPT-2) and causal GQA (Llama) attention, with and
     without padding, give the eval-mode SDPA output in training mode through the short
     path, which really ran (its masks are kept for backward)."""
     torch.manual_seed(0)
