@@ -55,6 +55,25 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     return (8 * h + 2 * inter) * element + 2 * h * MASK + stream + scores
 
 
+def attention_heap_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
+                         device: str = "cpu") -> float:
+    """Per token and layer, what a CPU run's peak RSS holds beyond the saved tensors when
+    attention dropout is on. Calibrated, not counted: torch's SDPA math path saved 3 fp32
+    heads x seq matrices and (under bf16) fp32 Q, K, V; peftlab/fast_attention.py saves the
+    smaller set above, yet peaks stayed where they were (same job, both paths in one
+    invocation: 1,628 against 1,617 MB, benchmarks/results/fast_attention_ab_cpu.md; AG News
+    at 128 tokens: benchmarks/results/planner_error_cpu_saved_terms_only.md, where dropping
+    this term put the planner 17-25% under). Glibc keeps the freed seq x seq transients of
+    each layer's attention beside the rest, so the planner's RSS terms keep the math path's
+    set and its saved-tensor terms (the census tests) the real one."""
+    if not (shape.attention_dropout > 0 and device == "cpu"):
+        return 0.0
+    math_path = 3 * shape.heads * seq_len * FP32
+    saved = shape.heads * seq_len * (FP32 + element + MASK)
+    upcast = 3 * shape.hidden * (FP32 - element) if not shape.gated_mlp else 0
+    return math_path - saved + upcast
+
+
 def adapter_input_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int) -> float:
     """Per token and layer, what LoRA adapters keep beyond the layer's own inputs (counted
     in tests/test_memory.py): the thin (tokens x r) product of each, plus what happens to

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 
 from peftlab.census import Census, census_estimate
 from peftlab.config import Recipe
-from peftlab.layer_bytes import FP32, adapter_input_bytes, layer_activation_bytes
+from peftlab.layer_bytes import (
+    FP32,
+    adapter_input_bytes,
+    attention_heap_bytes,
+    layer_activation_bytes,
+)
 from peftlab.model_shape import ModelShape, lora_params, shape_of
 from peftlab.quantization import FROZEN_BASE_KINDS, quantization_kind
 from peftlab.tasks import task_module
@@ -100,13 +105,18 @@ def weight_bytes(shape: ModelShape, recipe: Recipe, kind: str, element: int = FP
     return base
 
 
-def _layer_bytes(shape: ModelShape, recipe: Recipe, kind: str, device: str) -> float:
-    """One layer's saved bytes per token for this recipe, precision and strategy."""
+def _layer_bytes(shape: ModelShape, recipe: Recipe, kind: str, device: str,
+                 resident: bool = False) -> float:
+    """One layer's saved bytes per token for this recipe, precision and strategy; with
+    `resident`, what peak RSS holds for it (attention_heap_bytes on CPU)."""
     element = element_bytes(recipe, device)
     frozen_bf16 = element == 2 and kind in FROZEN_BASE_KINDS and \
         quantization_kind(recipe, kind) == "none"
-    return layer_activation_bytes(shape, recipe.model.max_length, element, device,
-                                  fp32_norms=not frozen_bf16)
+    saved = layer_activation_bytes(shape, recipe.model.max_length, element, device,
+                                   fp32_norms=not frozen_bf16)
+    if resident:
+        saved += attention_heap_bytes(shape, recipe.model.max_length, element, device)
+    return saved
 
 
 def activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
@@ -114,10 +124,10 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: 
     """Saved activations plus the working set of backward: while a layer runs backward the
     gradients of its saved tensors live too (a frozen body still runs one layer's forward)."""
     tokens = micro_batch * recipe.model.max_length
-    one_layer = _layer_bytes(shape, recipe, kind, device)
+    one_layer = _layer_bytes(shape, recipe, kind, device, resident=True)
     output = output_bytes(shape, recipe, tokens)
-    body = saved_layers_bytes(shape, recipe, kind, micro_batch, checkpointing, device) + \
-        one_layer * tokens
+    body = saved_layers_bytes(shape, recipe, kind, micro_batch, checkpointing, device,
+                              resident=True) + one_layer * tokens
     if device != "cpu":
         return body + output
     # CPU: glibc keeps freed activation blocks for the next step's reuse, fragmented by
@@ -144,12 +154,14 @@ def output_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> float:
 
 
 def saved_layers_bytes(shape: ModelShape, recipe: Recipe, kind: str, micro_batch: int,
-                       checkpointing: bool, device: str = "cpu") -> float:
-    """What the layers keep for backward, the task's output term aside."""
+                       checkpointing: bool, device: str = "cpu",
+                       resident: bool = False) -> float:
+    """What the layers keep for backward, the task's output term aside (`resident`: with
+    the CPU heap's attention term, see _layer_bytes)."""
     seq, element = recipe.model.max_length, element_bytes(recipe, device)
     tokens = micro_batch * seq
     layers = trained_layers(shape, recipe, kind)
-    per_layer = _layer_bytes(shape, recipe, kind, device) * tokens
+    per_layer = _layer_bytes(shape, recipe, kind, device, resident) * tokens
     per_layer += adapter_input_bytes(shape, recipe, kind, element) * tokens
     if kind == "dora":
         # DoRA rescales every adapted output (a calibrated term, see below)
@@ -168,7 +180,7 @@ def evaluation_bytes(shape: ModelShape, recipe: Recipe, kind: str, trainable: in
     """An evaluation: one layer's forward temporaries at the eval batch, the logits, and (on
     CPU, where it lives) the best-weights snapshot, a copy of what trains."""
     tokens = recipe.eval.batch_size * recipe.model.max_length
-    layer = _layer_bytes(shape, recipe, kind, device) * tokens
+    layer = _layer_bytes(shape, recipe, kind, device, resident=True) * tokens
     logits = task_module(recipe.model.task).output_bytes(recipe, tokens, shape.vocab,
                                                          training=False)
     return layer + logits + (trainable * FP32 if device == "cpu" else 0)

@@ -128,6 +128,27 @@ def test_encoder_activations_match_saved_tensors(wide_bert, kind, precision):
         assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
+@pytest.mark.parametrize("kind, precision", census_cases(["full", "lora"]))
+def test_rss_terms_keep_torch_math_path_saved_set(wide_bert, kind, precision, monkeypatch):
+    """The planner's RSS terms add attention_heap_bytes to the saved set: what torch's SDPA
+    math path really saves (measured here with it kept), since peaks did not fall when
+    peftlab's attention saved less (benchmarks/results/fast_attention_ab_cpu.md)."""
+    from peftlab.layer_bytes import attention_heap_bytes
+    monkeypatch.setenv("PEFTLAB_TORCH_ATTENTION", "1")
+    recipe = make_recipe(wide_bert, kind, precision=precision)
+    torch.manual_seed(0)
+    model = apply_strategy(build_classifier(str(wide_bert), "cls", ["a", "b"], recipe),
+                           recipe).model
+    batch = {"input_ids": torch.randint(1, 100, (4, 16)),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+    measured = measure_saved_bytes(model, batch, precision)
+    shape = shape_of(recipe)
+    heap = attention_heap_bytes(shape, 16, PRECISIONS[precision]) * 4 * 16 * shape.layers
+    assert heap > 0
+    predicted = saved_activation_bytes(shape, recipe, kind, 4, False) + heap
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
 DECODER_CASES = [(kind, precision, 0.0) for kind, precision in census_cases(["full"])] + [
     (kind, precision, dropout) for kind, precision in census_cases(["lora", "qlora"])
     for dropout in (0.0, 0.1)]  # LoRA dropout only where there is LoRA
