@@ -111,16 +111,21 @@ def census_cases(kinds):
     return [(kind, precision) for precision in PRECISIONS for kind in kinds]
 
 
+def bert_saved_bytes(folder, recipe, precision) -> int:
+    """What the wide BERT under `recipe` saves in one training forward of 4 x 16 tokens."""
+    torch.manual_seed(0)
+    model = apply_strategy(build_classifier(str(folder), "cls", ["a", "b"], recipe),
+                           recipe).model
+    batch = {"input_ids": torch.randint(1, 100, (4, 16)),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+    return measure_saved_bytes(model, batch, precision)
+
+
 @pytest.mark.parametrize("kind, precision", census_cases(["full", "lora", "freeze", "head"]))
 def test_encoder_activations_match_saved_tensors(wide_bert, kind, precision):
     recipe = make_recipe(wide_bert, kind, precision=precision)
     assert element_bytes(recipe, "cpu") == PRECISIONS[precision]
-    torch.manual_seed(0)
-    model = apply_strategy(build_classifier(str(wide_bert), "cls", ["a", "b"], recipe),
-                           recipe).model
-    batch = {"input_ids": torch.randint(1, 100, (4, 16)),
-             "attention_mask": torch.ones(4, 16, dtype=torch.long)}
-    measured = measure_saved_bytes(model, batch, precision)
+    measured = bert_saved_bytes(wide_bert, recipe, precision)
     predicted = saved_activation_bytes(shape_of(recipe), recipe, kind, 4, False)
     if kind == "head":
         assert predicted == 0 and measured < 4 * 16 * 128 * FP32 * 2  # only the head's input
@@ -136,12 +141,7 @@ def test_rss_terms_keep_torch_math_path_saved_set(wide_bert, kind, precision, mo
     from peftlab.layer_bytes import attention_heap_bytes
     monkeypatch.setenv("PEFTLAB_TORCH_ATTENTION", "1")
     recipe = make_recipe(wide_bert, kind, precision=precision)
-    torch.manual_seed(0)
-    model = apply_strategy(build_classifier(str(wide_bert), "cls", ["a", "b"], recipe),
-                           recipe).model
-    batch = {"input_ids": torch.randint(1, 100, (4, 16)),
-             "attention_mask": torch.ones(4, 16, dtype=torch.long)}
-    measured = measure_saved_bytes(model, batch, precision)
+    measured = bert_saved_bytes(wide_bert, recipe, precision)
     shape = shape_of(recipe)
     heap = attention_heap_bytes(shape, 16, PRECISIONS[precision]) * 4 * 16 * shape.layers
     assert heap > 0
