@@ -20,8 +20,8 @@ peftlab_mmap (glibc's mmap threshold fixed at 128 KiB) and peftlab_onednn1024 (o
 default primitive cache of 1,024 shapes instead of peftlab's 64); peftlab_full (the same job
 fine-tuning every weight: peftlab / peftlab_full is LoRA's step over full's);
 peftlab_torch_sdpa and peftlab_full_torch_sdpa (the two with torch's SDPA for attention
-dropout instead of peftlab/fast_attention.py; their planner rows count peftlab's path); and the Trainer
-ways strong / tuned / seeds.
+dropout instead of peftlab/fast_attention.py; the planner predicts the same peak for both
+paths); and the Trainer ways strong / tuned / seeds.
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/vs_trainer.py \\
            [--recipe recipes/minilm_sst2_lora.yaml] [--steps 60] [--rounds 3] \\
@@ -57,8 +57,8 @@ PEFTLAB_ENV = {"peftlab": {}, "peftlab_mmap": {"PEFTLAB_MMAP_THRESHOLD": str(128
                "peftlab_full_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"}}
 # peftlab_full: the same job as full fine-tuning (at full fine-tuning's default lr), so the
 # ratio peftlab / peftlab_full is LoRA's step against full's, interleaved like the rest
-PEFTLAB_OVERRIDES = {"peftlab_full": ["strategy.kind=full", "train.lr=5e-05"],
-                     "peftlab_full_torch_sdpa": ["strategy.kind=full", "train.lr=5e-05"]}
+FULL = ["strategy.kind=full", "train.lr=5e-05"]
+PEFTLAB_OVERRIDES = {"peftlab_full": FULL, "peftlab_full_torch_sdpa": FULL}
 
 
 def overrides(args, precision: str) -> list[str]:

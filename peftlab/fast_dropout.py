@@ -10,8 +10,8 @@ the keep probability scaled to 2**32: an independent Bernoulli(1 - p) mask per e
 exact to 2**-32 (torch's own compares a 24-bit float), from torch's generator, so seeds,
 exact resume and activation checkpointing's recompute (which restores the RNG state) give
 the same masks as they would torch's. Autograd keeps a 1-byte bool mask instead of a
-dtype-sized noise tensor. Attention dropout inside SDPA is not touched; other devices keep
-torch's fused kernels.
+dtype-sized noise tensor. Attention dropout inside SDPA draws its mask here too
+(peftlab/fast_attention.py); other devices keep torch's fused kernels.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ _WORD = 2**32
 
 def keep_mask(shape: torch.Size, keep: float, device: torch.device) -> torch.Tensor:
     """A bool mask, True with probability `keep`, one 32-bit uniform word per element."""
-    count = shape.numel()
-    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device)
-    words.random_(-(2**63), None)  # the full 64-bit range: two uniform 32-bit halves
     # signed compare: a word below `threshold` happens round(keep * 2**32) times in 2**32
     threshold = round(keep * _WORD) - _WORD // 2
     if threshold >= _WORD // 2:  # keep rounds to 1 (p < 2**-33): every word is below it
         return torch.ones(shape, dtype=torch.bool, device=device)
+    count = shape.numel()
+    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None)  # the full 64-bit range: two uniform 32-bit halves
     return (words.view(torch.int32)[:count] < threshold).view(shape)
 
 

@@ -37,9 +37,7 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     bf16 (torch's SDPA math path upcast them to fp32; the short path does not).
     """
     h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate
-    dropout_scores = shape.attention_dropout > 0 and device == "cpu"
-    # softmax output (fp32), dropped probabilities (run dtype), dropout mask, per score
-    scores = shape.heads * seq_len * (FP32 + element + MASK) if dropout_scores else 0
+    scores = _dropout_scores_bytes(shape, seq_len, element, device)
     if element == FP32:
         if shape.gated_mlp:
             return (7 * h + 2 * kv + 4 * inter) * FP32 + scores
@@ -55,6 +53,16 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     return (8 * h + 2 * inter) * element + 2 * h * MASK + stream + scores
 
 
+def _dropout_scores_bytes(shape: ModelShape, seq_len: int, element: int,
+                          device: str) -> float:
+    """Per token and layer, what fast_attention.py keeps of the heads x seq scores: the fp32
+    softmax output, the dropped probabilities (run dtype) and their mask; nothing without
+    attention dropout or off CPU."""
+    if not (shape.attention_dropout > 0 and device == "cpu"):
+        return 0.0
+    return shape.heads * seq_len * (FP32 + element + MASK)
+
+
 def attention_heap_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
                          device: str = "cpu") -> float:
     """Per token and layer, what a CPU run's peak RSS holds beyond the saved tensors when
@@ -66,10 +74,10 @@ def attention_heap_bytes(shape: ModelShape, seq_len: int, element: int = FP32,
     this term put the planner 17-25% under). Glibc keeps the freed seq x seq transients of
     each layer's attention beside the rest, so the planner's RSS terms keep the math path's
     set and its saved-tensor terms (the census tests) the real one."""
-    if not (shape.attention_dropout > 0 and device == "cpu"):
+    saved = _dropout_scores_bytes(shape, seq_len, element, device)
+    if not saved:
         return 0.0
     math_path = 3 * shape.heads * seq_len * FP32
-    saved = shape.heads * seq_len * (FP32 + element + MASK)
     upcast = 3 * shape.hidden * (FP32 - element) if not shape.gated_mlp else 0
     return math_path - saved + upcast
 
