@@ -21,8 +21,7 @@ default primitive cache of 1,024 shapes instead of peftlab's 64); peftlab_full (
 fine-tuning every weight: peftlab / peftlab_full is LoRA's step over full's);
 peftlab_torch_sdpa and peftlab_full_torch_sdpa (the two with torch's SDPA for attention
 dropout instead of peftlab/fast_attention.py; the planner predicts the same peak for both
-paths); peftlab_ungrouped (every fused LoRA layer on its own, not Q, K and V together,
-peftlab/fused_lora_group.py); and the Trainer ways strong / tuned / seeds.
+paths); and the Trainer ways strong / tuned / seeds.
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/vs_trainer.py \\
            [--recipe recipes/minilm_sst2_lora.yaml] [--steps 60] [--rounds 3] \\
@@ -55,8 +54,7 @@ TIMES = ("median_step_seconds", "train_loop_seconds", "wall_seconds")
 PEFTLAB_ENV = {"peftlab": {}, "peftlab_mmap": {"PEFTLAB_MMAP_THRESHOLD": str(128 * 1024)},
                "peftlab_onednn1024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},
                "peftlab_full": {}, "peftlab_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"},
-               "peftlab_full_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"},
-               "peftlab_ungrouped": {"PEFTLAB_UNGROUPED_LORA": "1"}}
+               "peftlab_full_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"}}
 # peftlab_full: the same job as full fine-tuning (at full fine-tuning's default lr), so the
 # ratio peftlab / peftlab_full is LoRA's step against full's, interleaved like the rest
 FULL = ["strategy.kind=full", "train.lr=5e-05"]
@@ -193,8 +191,6 @@ def main() -> None:
     pairs = [("peftlab", rival) for rival in configs if rival != "peftlab"]
     if {"peftlab_torch_sdpa", "peftlab_full_torch_sdpa"} <= set(configs):
         pairs.append(("peftlab_torch_sdpa", "peftlab_full_torch_sdpa"))  # LoRA/full before
-    if {"peftlab_ungrouped", "peftlab_full"} <= set(configs):
-        pairs.append(("peftlab_ungrouped", "peftlab_full"))  # LoRA/full, layers one by one
     summary = {f"{precision}:{config}:{rival}": ratios(records, config, rival, precision)
                for precision in args.precisions.split(",") for config, rival in pairs}
     RESULTS.mkdir(exist_ok=True)

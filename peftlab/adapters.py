@@ -32,7 +32,7 @@ def continue_adapter(model: nn.Module, recipe: Recipe) -> nn.Module:
     """The model with the recipe's adapter loaded, trainable."""
     from peft import PeftConfig, PeftModel
 
-    from peftlab.fused_lora import group_shared_inputs, use_fused_lora
+    from peftlab.fused_lora import use_fused_lora
     from peftlab.quantization import quantization_kind
     from peftlab.strategies import PEFT_KINDS
     source = recipe.model.adapter
@@ -59,7 +59,6 @@ def continue_adapter(model: nn.Module, recipe: Recipe) -> nn.Module:
         detail = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
         raise PeftlabError(f"model.adapter {source}: trained on another base model than "
                            f"{recipe.model.name} ({detail})") from None
-    group_shared_inputs(adapted)
     if wrapped is model:
         return adapted
     model.backbone = adapted  # our mean-pool head: a new classifier on the adapted body

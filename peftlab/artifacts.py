@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
-from peftlab.fused_lora import group_shared_inputs, use_fused_lora
+from peftlab.fused_lora import use_fused_lora
 from peftlab.models import load_tokenizer, resolve_model_path
 from peftlab.quantization import dequantize_linears, quantization_kind
 
@@ -79,7 +79,7 @@ def attach_adapter(base, folder: Path, recipe: Recipe):
             quantization_kind(recipe) == "none":
         use_fused_lora(config)
     try:
-        adapted = PeftModel.from_pretrained(base, folder, config=config)
+        return PeftModel.from_pretrained(base, folder, config=config)
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
@@ -87,8 +87,6 @@ def attach_adapter(base, folder: Path, recipe: Recipe):
         name = getattr(base, "name_or_path", "") or "the recipe model"
         raise PeftlabError(f"{folder}: this adapter was trained on another base model than "
                            f"{name} ({detail})") from None
-    group_shared_inputs(adapted)
-    return adapted
 
 
 def load_artifact(folder: Path, recipe: Recipe, info: dict, dequantize: bool, build):

@@ -16,14 +16,11 @@ as plain peft LoRA (`PeftModel.from_pretrained` needs nothing from peftlab).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from peftlab.fast_dropout import keep_mask
-from peftlab.fused_lora_group import FusedLoraGroup
 
 
 class _FusedLora(torch.autograd.Function):
@@ -79,83 +76,22 @@ class FusedLoraLinear(PeftLoraLinear):
     its random stream."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        fused = None if args or kwargs else self._fused_arguments(x)
-        if fused is None:
-            return super().forward(x, *args, **kwargs)
-        stash = self.__dict__.pop("_peftlab_stash", None)
-        if stash is not None and stash[0] is x and stash[1] == _version(x):
-            return stash[2]  # a sibling already computed this layer's output from x
-        if stash is not None:  # a sibling read another input: these layers do not share one
-            _ungroup(self)
-        group = self.__dict__.get("_peftlab_group")
-        if group and fused[-1] == 0:
-            members = [member._fused_arguments(x) for member in group]
-            if all(args is not None and args[-1] == 0 and args[-2] == fused[-2]
-                   for args in members):
-                outs = FusedLoraGroup.apply(
-                    x, tuple(args[4] for args in members), fused[-2],
-                    *(args[i] for i in range(4) for args in members))
-                for member, out in zip(group, outs):
-                    if member is not self:
-                        member.__dict__["_peftlab_stash"] = (x, _version(x), out)
-                return outs[group.index(self)]
-        return _FusedLora.apply(x, *fused)
-
-    def _fused_arguments(self, x: torch.Tensor):
-        """(weight, bias, A, B, scaling, compute dtype, dropout rate) for _FusedLora, or
-        None where peft's own forward applies."""
         name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
         if name is None or name not in self.lora_A or name not in self.lora_dropout:
-            return None
+            return super().forward(x, *args, **kwargs)
         base, dropout = self.base_layer, self.lora_dropout[name]
-        if (self.disable_adapters or self.merged or name in self.lora_variant
+        if (args or kwargs or self.disable_adapters or self.merged or name in self.lora_variant
                 or type(dropout) not in (nn.Identity, nn.Dropout)
                 or self.lora_B[name].bias is not None or type(base) is not nn.Linear
                 or base.weight.requires_grad
                 or base.bias is not None and base.bias.requires_grad):
-            return None
+            return super().forward(x, *args, **kwargs)
         rate = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         if rate >= 1:  # everything dropped: peft's own path handles the degenerate case
-            return None
-        return (base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                self.scaling[name], _compute_dtype(x.device.type, base.weight.dtype), rate)
-
-
-# Sibling projections that transformers' models feed the same tensor (BERT and RoBERTa,
-# DistilBERT, Llama / Qwen2 / Mistral / Phi-3 attention, and their gated MLPs).
-SHARED_INPUT_NAMES = ({"query", "key", "value"}, {"q_lin", "k_lin", "v_lin"},
-                      {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
-
-
-def group_shared_inputs(model: nn.Module) -> int:
-    """Let the fused LoRA layers that read one input compute together (fused_lora_group.py);
-    returns how many groups were formed. The names only propose a group: a member that is
-    ever called with another input than its sibling's dissolves it for good, so a model that
-    feeds them different tensors (cross-attention) stays correct and pays once."""
-    if os.environ.get("PEFTLAB_UNGROUPED_LORA") == "1":
-        return 0  # benchmarks/vs_trainer.py measures the layers one by one beside this
-    count = 0
-    for parent in model.modules():
-        children = {name: child for name, child in parent.named_children()
-                    if isinstance(child, FusedLoraLinear)}
-        for names in SHARED_INPUT_NAMES:
-            group = tuple(children[name] for name in sorted(names) if name in children)
-            if len(group) > 1:
-                for member in group:
-                    member.__dict__["_peftlab_group"] = group
-                count += 1
-    return count
-
-
-def _version(x: torch.Tensor) -> int:
-    """In-place changes count (an inference tensor has no counter and cannot change)."""
-    return 0 if x.is_inference() else x._version
-
-
-def _ungroup(layer: FusedLoraLinear) -> None:
-    for member in layer.__dict__.get("_peftlab_group", (layer,)):
-        member.__dict__.pop("_peftlab_group", None)
-        member.__dict__.pop("_peftlab_stash", None)
+            return super().forward(x, *args, **kwargs)
+        return _FusedLora.apply(x, base.weight, base.bias, self.lora_A[name].weight,
+                                self.lora_B[name].weight, self.scaling[name],
+                                _compute_dtype(x.device.type, base.weight.dtype), rate)
 
 
 def _compute_dtype(device: str, stored: torch.dtype) -> torch.dtype:

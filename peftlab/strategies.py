@@ -184,11 +184,8 @@ def _wrap_peft(model: nn.Module, peft_config) -> nn.Module:
         peft_config.modules_to_save = None
         model.backbone = get_peft_model(model.backbone, peft_config)
         _set_trainable(model.classifier.parameters(), True)
-    else:
-        model = get_peft_model(model, peft_config)
-    from peftlab.fused_lora import group_shared_inputs
-    group_shared_inputs(model)
-    return model
+        return model
+    return get_peft_model(model, peft_config)
 
 
 def _lora_config(model: nn.Module, recipe: Recipe, use_dora: bool):

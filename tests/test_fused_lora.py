@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 
 from peftlab.config import recipe_from_dict
 from peftlab.fast_dropout import keep_mask
-from peftlab.fused_lora import FusedLoraLinear, _ungroup
+from peftlab.fused_lora import FusedLoraLinear
 from peftlab.strategies import apply_strategy
 from peftlab.tasks.classification_model import build_classifier
 
@@ -218,7 +218,6 @@ def test_fused_layer_keeps_the_bf16_input_itself(tiny_bert):
     fused, plain = (lora_model(tiny_bert, flag, "bf16") for flag in (True, False))
     layers = [next(m for m in model.modules() if isinstance(m, kind))
               for model, kind in ((fused, FusedLoraLinear), (plain, PeftLoraLinear))]
-    _ungroup(layers[0])  # this layer alone (Q, K and V together: test_fused_lora_group.py)
     x = torch.randn(4, 9, layers[0].in_features, dtype=torch.bfloat16, requires_grad=True)
     rank = layers[0].lora_A["default"].weight.shape[0]
     ours = storages_saved_by(layers[0], x)
