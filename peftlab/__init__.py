@@ -10,6 +10,11 @@ __version__ = "0.1.0"
 # CPU kernel runs instead. That line on every command, quantized or not, says nothing to act
 # on offline, so the logger is raised to errors before anything imports bitsandbytes.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# With the `kernels` package (a transformers dependency since 5.25), the same lookup also logs
+# that the kernel's publisher cannot be verified offline. Only that offline notice is dropped:
+# the logger's other trust warnings (an unverified publisher, online) still reach the user.
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: "because Hugging Face Hub is in offline mode" not in record.getMessage())
 
 # oneDNN (bf16 matmuls on CPU) caches a primitive, with its buffers, per input shape, up to
 # 1,024 of them. Length-grouped batches and evaluation bring new shapes all the time, so

@@ -64,6 +64,12 @@ def test_overrides_may_follow_options_and_bitsandbytes_stays_quiet(tmp_path, rec
     __import__("peftlab")  # sets the logger level, before anything imports bitsandbytes
     assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() >= \
         logging.ERROR
+    trust = logging.getLogger("kernels._internals.hf_hub")
+    assert not trust.filter(logging.LogRecord(
+        trust.name, logging.WARNING, "", 0, "Skipping publisher trust check for 'x' because "
+        "Hugging Face Hub is in offline mode.", None, None))
+    assert trust.filter(logging.LogRecord(trust.name, logging.WARNING, "", 0,
+                                          "Publisher of 'x' is not trusted", None, None))
     done = peftlab("train", recipe_file, "--output-dir", tmp_path / "run", "train.max_steps=3",
                    "train.mixed_precision=no", "--overwrite", "train.cpu=true")
     assert done.returncode == 0, done.stderr[-2000:]
