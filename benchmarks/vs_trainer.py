@@ -21,7 +21,9 @@ default primitive cache of 1,024 shapes instead of peftlab's 64); peftlab_full (
 fine-tuning every weight: peftlab / peftlab_full is LoRA's step over full's);
 peftlab_torch_sdpa and peftlab_full_torch_sdpa (the two with torch's SDPA for attention
 dropout instead of peftlab/fast_attention.py; the planner predicts the same peak for both
-paths); and the Trainer ways strong / tuned / seeds.
+paths); peftlab_heap and peftlab_full_heap (the two with glibc serving blocks under 256 MiB
+from its heap, so full fine-tuning's word-embedding gradient is not mapped and zeroed afresh at
+every step); and the Trainer ways strong / tuned / seeds.
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/vs_trainer.py \\
            [--recipe recipes/minilm_sst2_lora.yaml] [--steps 60] [--rounds 3] \\
@@ -51,14 +53,20 @@ RESULTS = Path(__file__).parent / "results"
 COMMON = ["data.test=null", "data.split_ratios=[0.9,0.1,0.0]", "train.eval_every_steps=0",
           "train.keep_checkpoints=0", "train.report_to=[none]"]
 TIMES = ("median_step_seconds", "train_loop_seconds", "wall_seconds")
+# glibc serves every block under 256 MiB from its heap and keeps up to 256 MiB of free heap
+# top: full fine-tuning's 47 MB word-embedding gradient is then reused instead of mapped
+# and zeroed afresh at every step
+HEAP = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 PEFTLAB_ENV = {"peftlab": {}, "peftlab_mmap": {"PEFTLAB_MMAP_THRESHOLD": str(128 * 1024)},
                "peftlab_onednn1024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},
                "peftlab_full": {}, "peftlab_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"},
-               "peftlab_full_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"}}
+               "peftlab_full_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"},
+               "peftlab_heap": HEAP, "peftlab_full_heap": HEAP}
 # peftlab_full: the same job as full fine-tuning (at full fine-tuning's default lr), so the
 # ratio peftlab / peftlab_full is LoRA's step against full's, interleaved like the rest
 FULL = ["strategy.kind=full", "train.lr=5e-05"]
-PEFTLAB_OVERRIDES = {"peftlab_full": FULL, "peftlab_full_torch_sdpa": FULL}
+PEFTLAB_OVERRIDES = {"peftlab_full": FULL, "peftlab_full_torch_sdpa": FULL,
+                     "peftlab_full_heap": FULL}
 
 
 def overrides(args, precision: str) -> list[str]:
@@ -191,6 +199,10 @@ def main() -> None:
     pairs = [("peftlab", rival) for rival in configs if rival != "peftlab"]
     if {"peftlab_torch_sdpa", "peftlab_full_torch_sdpa"} <= set(configs):
         pairs.append(("peftlab_torch_sdpa", "peftlab_full_torch_sdpa"))  # LoRA/full before
+    if {"peftlab_heap", "peftlab_full_heap"} <= set(configs):
+        pairs.append(("peftlab_heap", "peftlab_full_heap"))  # LoRA/full, both on the heap
+    if {"peftlab_full", "peftlab_full_heap"} <= set(configs):
+        pairs.append(("peftlab_full_heap", "peftlab_full"))  # what the heap gives full
     summary = {f"{precision}:{config}:{rival}": ratios(records, config, rival, precision)
                for precision in args.precisions.split(",") for config, rival in pairs}
     RESULTS.mkdir(exist_ok=True)
