@@ -21,13 +21,15 @@ default primitive cache of 1,024 shapes instead of peftlab's 64); peftlab_full (
 fine-tuning every weight: peftlab / peftlab_full is LoRA's step over full's);
 peftlab_torch_sdpa and peftlab_full_torch_sdpa (the two with torch's SDPA for attention
 dropout instead of peftlab/fast_attention.py; the planner predicts the same peak for both
-paths); peftlab_heap and peftlab_full_heap (the two with glibc serving blocks under 256 MiB
+paths); peftlab_base and peftlab_full_base (the two run by the peftlab of another checkout,
+--base-tree: a change and its parent side by side); peftlab_heap and peftlab_full_heap (the two with glibc serving blocks under 256 MiB
 from its heap, so full fine-tuning's word-embedding gradient is not mapped and zeroed afresh at
 every step); and the Trainer ways strong / tuned / seeds.
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/vs_trainer.py \\
            [--recipe recipes/minilm_sst2_lora.yaml] [--steps 60] [--rounds 3] \\
-           [--precisions bf16,no] [--configs peftlab,strong,tuned] [--tag vs_trainer_cpu]
+           [--precisions bf16,no] [--configs peftlab,strong,tuned] [--tag vs_trainer_cpu] \\
+           [--base-tree DIR]
 Writes benchmarks/results/<tag>.json (every record and the ratios) and <tag>.md.
 """
 
@@ -87,8 +89,13 @@ def run_peftlab(args, precision: str, out: Path, config: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "record.json").write_text(json.dumps(record, indent=2))  # blind: before the run
     env = dict(os.environ, **PEFTLAB_ENV[config])
+    # peftlab from this checkout, or (the *_base configs) from the --base-tree checkout
+    entry = ["-m", "peftlab"]
+    if config.endswith("_base"):
+        entry = ["-c", (f"import sys; sys.path.insert(0, {str(args.base_tree)!r}); "
+                        "from peftlab.cli import main; sys.exit(main())")]
     tick = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "peftlab", "train", args.recipe, *extra,
+    subprocess.run([sys.executable, *entry, "train", args.recipe, *extra,
                     "--output-dir", str(out / "run"), "--overwrite"], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - tick
@@ -187,7 +194,18 @@ def main() -> None:
     parser.add_argument("--configs", default="peftlab,strong,tuned")
     parser.add_argument("--tag", default="vs_trainer_cpu")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
+    parser.add_argument("--base-tree", type=Path,
+                        help="another checkout (git worktree add DIR COMMIT): the configs "
+                             "peftlab_base and peftlab_full_base run its peftlab, for an A/B "
+                             "of a change in one invocation")
     args = parser.parse_args()
+    base_commit = None
+    if args.base_tree:
+        args.base_tree = args.base_tree.resolve()
+        PEFTLAB_ENV.update(peftlab_base={}, peftlab_full_base={})
+        PEFTLAB_OVERRIDES["peftlab_full_base"] = FULL
+        base_commit = subprocess.run(["git", "-C", str(args.base_tree), "rev-parse", "HEAD"],
+                                     capture_output=True, text=True, check=True).stdout.strip()
     configs = args.configs.split(",")
     records = []
     for round_index in range(args.rounds):
@@ -203,12 +221,17 @@ def main() -> None:
         pairs.append(("peftlab_heap", "peftlab_full_heap"))  # LoRA/full, both on the heap
     if {"peftlab_full", "peftlab_full_heap"} <= set(configs):
         pairs.append(("peftlab_full_heap", "peftlab_full"))  # what the heap gives full
+    if {"peftlab_full", "peftlab_full_base"} <= set(configs):
+        pairs.append(("peftlab_full", "peftlab_full_base"))  # the change, for full
+    if {"peftlab_base", "peftlab_full_base"} <= set(configs):
+        pairs.append(("peftlab_base", "peftlab_full_base"))  # LoRA/full before the change
     summary = {f"{precision}:{config}:{rival}": ratios(records, config, rival, precision)
                for precision in args.precisions.split(",") for config, rival in pairs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(
         {"command": " ".join(["python benchmarks/vs_trainer.py", *sys.argv[1:]]),
-         "machine": machine(), "ratios": summary, "records": records}, indent=2))
+         "machine": machine(), "base_commit": base_commit, "ratios": summary,
+         "records": records}, indent=2))
     table = markdown(records, summary)
     (RESULTS / f"{args.tag}.md").write_text(table + "\n")
     print(table)

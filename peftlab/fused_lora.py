@@ -20,7 +20,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from peftlab.fast_dropout import keep_mask
+from peftlab.fast_dropout import keep_mask, masked
 
 
 class _FusedLora(torch.autograd.Function):
@@ -39,7 +39,7 @@ class _FusedLora(torch.autograd.Function):
         if dropout > 0:
             keep = keep_mask(flat.shape, 1 - dropout, flat.device)
             scaling = scaling / (1 - dropout)
-        thin = torch.mm(flat if keep is None else flat * keep, lora_a.t()).mul_(scaling)
+        thin = torch.mm(flat if keep is None else masked(flat, keep), lora_a.t()).mul_(scaling)
         out = (torch.mm(flat, weight.t()) if bias is None
                else torch.addmm(bias.to(dtype), flat, weight.t()))
         out.addmm_(thin, lora_b.t())
@@ -58,10 +58,10 @@ class _FusedLora(torch.autograd.Function):
             if keep is None:
                 grad_x.addmm_(grad_thin, lora_a)
             else:
-                grad_x.add_(torch.mm(grad_thin, lora_a).mul_(keep))
+                grad_x.add_(torch.mm(grad_thin, lora_a).mul_(keep.view(torch.uint8)))
             grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[3]:
-            grad_a = torch.mm(grad_thin.t(), flat if keep is None else flat * keep)
+            grad_a = torch.mm(grad_thin.t(), flat if keep is None else masked(flat, keep))
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(grad.t(), thin)
         return grad_x, None, None, grad_a, grad_b, None, None, None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from peftlab.fast_dropout import FastDropout, keep_mask, use_fast_dropout
+from peftlab.fast_dropout import FastDropout, keep_mask, masked, use_fast_dropout
 
 
 def fast(p: float) -> nn.Dropout:
@@ -44,6 +44,20 @@ def test_values_and_gradient_are_dropout_with_the_drawn_mask(dtype):
     assert 0.6 < kept.float().mean().item() < 0.9
     assert torch.equal(out, torch.where(kept, x.detach() * (1 / 0.75), 0).to(dtype))
     assert torch.equal(x.grad, torch.where(kept, grad * (1 / 0.75), 0).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_reads_the_bool_mask_as_bytes_with_the_same_values(dtype):
+    x = torch.randn(4, 32, dtype=dtype)
+    x[0, :3] = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
+    mask = torch.rand(4, 32) < 0.5
+    mask[0, :3] = torch.tensor([False, True, False])
+    out = masked(x, mask)
+    assert out.dtype == dtype
+    bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    # bit for bit x * mask, nan where inf or nan meets 0 included
+    assert torch.equal(out.view(bits), (x * mask).view(bits))
+    assert out[0, :3].isnan().tolist() == [True, False, True]
 
 
 def test_same_seed_same_mask_and_new_draws_differ():
