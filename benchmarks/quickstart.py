@@ -1,10 +1,12 @@
 """The README's first command, timed: `peftlab quickstart` from process start to exit.
 
-Usage: python benchmarks/quickstart.py   (writes benchmarks/results/quickstart_cpu.json)
+Usage: python benchmarks/quickstart.py [--tag quickstart_cpu]
+       (writes benchmarks/results/<tag>.json)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -18,6 +20,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tag", default="quickstart_cpu", help="name of the result file")
+    args = parser.parse_args()
     out = Path("runs/bench/quickstart")
     command = ["peftlab", "quickstart", "--output-dir", str(out), "--overwrite"]
     tick = time.perf_counter()
@@ -34,7 +39,7 @@ def main() -> None:
               "validation_examples": metrics["validation"]["examples"],
               "test_examples": metrics["test"]["examples"], "machine": machine()}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quickstart_cpu.json").write_text(json.dumps(record, indent=2))
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
 
 
