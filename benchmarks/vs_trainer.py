@@ -22,9 +22,10 @@ fine-tuning every weight: peftlab / peftlab_full is LoRA's step over full's);
 peftlab_torch_sdpa and peftlab_full_torch_sdpa (the two with torch's SDPA for attention
 dropout instead of peftlab/fast_attention.py; the planner predicts the same peak for both
 paths); peftlab_base and peftlab_full_base (the two run by the peftlab of another checkout,
---base-tree: a change and its parent side by side); peftlab_heap and peftlab_full_heap (the two with glibc serving blocks under 256 MiB
-from its heap, so full fine-tuning's word-embedding gradient is not mapped and zeroed afresh at
-every step); and the Trainer ways strong / tuned / seeds.
+--base-tree: a change and its parent side by side); peftlab_heap and peftlab_full_heap (the
+two with glibc serving blocks under 256 MiB from its heap, so full fine-tuning's
+word-embedding gradient is not mapped and zeroed afresh at every step); and the Trainer ways
+strong / tuned / seeds.
 
 Usage: PEFTLAB_DATA=../shared/data python benchmarks/vs_trainer.py \\
            [--recipe recipes/minilm_sst2_lora.yaml] [--steps 60] [--rounds 3] \\
@@ -63,12 +64,19 @@ PEFTLAB_ENV = {"peftlab": {}, "peftlab_mmap": {"PEFTLAB_MMAP_THRESHOLD": str(128
                "peftlab_onednn1024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},
                "peftlab_full": {}, "peftlab_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"},
                "peftlab_full_torch_sdpa": {"PEFTLAB_TORCH_ATTENTION": "1"},
-               "peftlab_heap": HEAP, "peftlab_full_heap": HEAP}
+               "peftlab_heap": HEAP, "peftlab_full_heap": HEAP,
+               "peftlab_base": {}, "peftlab_full_base": {}}
 # peftlab_full: the same job as full fine-tuning (at full fine-tuning's default lr), so the
 # ratio peftlab / peftlab_full is LoRA's step against full's, interleaved like the rest
 FULL = ["strategy.kind=full", "train.lr=5e-05"]
 PEFTLAB_OVERRIDES = {"peftlab_full": FULL, "peftlab_full_torch_sdpa": FULL,
-                     "peftlab_full_heap": FULL}
+                     "peftlab_full_heap": FULL, "peftlab_full_base": FULL}
+# ratios beside peftlab / each rival, reported when both configurations ran
+PAIRS = [("peftlab_torch_sdpa", "peftlab_full_torch_sdpa"),  # LoRA/full, torch's SDPA
+         ("peftlab_heap", "peftlab_full_heap"),  # LoRA/full, both on the heap
+         ("peftlab_full_heap", "peftlab_full"),  # what the heap gives full
+         ("peftlab_full", "peftlab_full_base"),  # the change, for full
+         ("peftlab_base", "peftlab_full_base")]  # LoRA/full before the change
 
 
 def overrides(args, precision: str) -> list[str]:
@@ -199,14 +207,14 @@ def main() -> None:
                              "peftlab_base and peftlab_full_base run its peftlab, for an A/B "
                              "of a change in one invocation")
     args = parser.parse_args()
+    configs = args.configs.split(",")
     base_commit = None
     if args.base_tree:
         args.base_tree = args.base_tree.resolve()
-        PEFTLAB_ENV.update(peftlab_base={}, peftlab_full_base={})
-        PEFTLAB_OVERRIDES["peftlab_full_base"] = FULL
         base_commit = subprocess.run(["git", "-C", str(args.base_tree), "rev-parse", "HEAD"],
                                      capture_output=True, text=True, check=True).stdout.strip()
-    configs = args.configs.split(",")
+    elif any(config.endswith("_base") for config in configs):
+        parser.error("the *_base configurations need --base-tree")
     records = []
     for round_index in range(args.rounds):
         for precision in args.precisions.split(","):
@@ -215,16 +223,7 @@ def main() -> None:
                 records.append(run_one(args, config, precision, round_index))
                 print(json.dumps(records[-1]), flush=True)
     pairs = [("peftlab", rival) for rival in configs if rival != "peftlab"]
-    if {"peftlab_torch_sdpa", "peftlab_full_torch_sdpa"} <= set(configs):
-        pairs.append(("peftlab_torch_sdpa", "peftlab_full_torch_sdpa"))  # LoRA/full before
-    if {"peftlab_heap", "peftlab_full_heap"} <= set(configs):
-        pairs.append(("peftlab_heap", "peftlab_full_heap"))  # LoRA/full, both on the heap
-    if {"peftlab_full", "peftlab_full_heap"} <= set(configs):
-        pairs.append(("peftlab_full_heap", "peftlab_full"))  # what the heap gives full
-    if {"peftlab_full", "peftlab_full_base"} <= set(configs):
-        pairs.append(("peftlab_full", "peftlab_full_base"))  # the change, for full
-    if {"peftlab_base", "peftlab_full_base"} <= set(configs):
-        pairs.append(("peftlab_base", "peftlab_full_base"))  # LoRA/full before the change
+    pairs += [pair for pair in PAIRS if set(pair) <= set(configs)]
     summary = {f"{precision}:{config}:{rival}": ratios(records, config, rival, precision)
                for precision in args.precisions.split(",") for config, rival in pairs}
     RESULTS.mkdir(exist_ok=True)

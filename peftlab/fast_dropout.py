@@ -34,12 +34,13 @@ def keep_mask(shape: torch.Size, keep: float, device: torch.device) -> torch.Ten
     return (words.view(torch.int32)[:count] < threshold).view(shape)
 
 
-def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked(x: torch.Tensor, mask: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """x * mask for a bool mask, read as its bytes (0 or 1): the same values bit for bit, but
     the multiply promotes uint8 with a vectorized cast, where a bool operand goes through
     torch's scalar bool -> float copy first (on CPU 2.5x slower in bf16, 1.9x in fp32, for
     one dropout on a 32 x 16 x 384 activation)."""
-    return x.mul(mask.view(torch.uint8))
+    as_bytes = mask.view(torch.uint8)
+    return x.mul_(as_bytes) if inplace else x.mul(as_bytes)
 
 
 class _MaskedScale(torch.autograd.Function):

@@ -58,7 +58,7 @@ class _FusedLora(torch.autograd.Function):
             if keep is None:
                 grad_x.addmm_(grad_thin, lora_a)
             else:
-                grad_x.add_(torch.mm(grad_thin, lora_a).mul_(keep.view(torch.uint8)))
+                grad_x.add_(masked(torch.mm(grad_thin, lora_a), keep, inplace=True))
             grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[3]:
             grad_a = torch.mm(grad_thin.t(), flat if keep is None else masked(flat, keep))
